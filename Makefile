@@ -1,0 +1,45 @@
+# The two commands a user needs: `make demo` (the embedded default pipeline) and `make test`.
+# Both do all set-up themselves on a fresh machine and are safe to run twice.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: demo test lint bench fashion-mnist setup clean
+
+setup: $(STAMP)
+
+# torch/torchvision first, pinned to the builds this project targets (pip finds them on the local disk
+# where they are cached); then the project itself, editable, with its test extras.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+fashion-mnist:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: $(FMNIST)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	else \
+	  $(PY) -m pipeline.fetch_data $(FMNIST); \
+	fi
+
+demo: $(STAMP) fashion-mnist
+	test -d .dvc || dvc init -q
+	dvc repro
+	@test -f runs/eval/results.md && cat runs/eval/results.md || true
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf data runs .pytest_cache

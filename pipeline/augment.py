@@ -1,0 +1,88 @@
+"""The DeiT view transforms (timm's), built once from the config and applied per sample.
+
+Grayscale inputs are converted to RGB before the PIL stage, because timm's RandAugment fills with a
+3-channel mean; a 1-channel model input then takes channel 0 back after ``ToTensor`` (colour ops on
+a replicated gray image keep the channels equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import MaybeToTensor, str_to_interp_mode
+from timm.data.transforms_factory import transforms_imagenet_train
+from torchvision import transforms
+
+from pipeline.config import AugConfig
+from pipeline.rng import sample_scope
+
+View = Callable[[Image.Image], torch.Tensor]
+
+
+class _Channels:
+    """Keep the first ``n`` channels of a CHW tensor (1 for gray models)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[: self.n] if x.shape[0] != self.n else x
+
+    def __repr__(self) -> str:
+        return f"Channels({self.n})"
+
+
+def _rgb_stats(values: tuple[float, ...]) -> tuple[float, ...]:
+    return values * 3 if len(values) == 1 else values
+
+
+def _tensor_tail(aug: AugConfig, erase: bool) -> list:
+    tail: list = [MaybeToTensor(), _Channels(aug.channels), transforms.Normalize(aug.mean, aug.std)]
+    if erase and aug.reprob > 0:
+        tail.append(RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device="cpu"))
+    return tail
+
+
+def train_transform(aug: AugConfig) -> transforms.Compose:
+    """RandomResizedCrop, flip, RandAugment or colour jitter (timm), normalise, random erasing."""
+    primary, secondary, _ = transforms_imagenet_train(
+        img_size=aug.img_size,
+        scale=aug.scale,
+        ratio=aug.ratio,
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter if aug.color_jitter > 0 else None,
+        auto_augment=aug.auto_augment,
+        interpolation=aug.interpolation,
+        mean=_rgb_stats(aug.mean),
+        std=_rgb_stats(aug.std),
+        re_prob=0.0,
+        separate=True,
+    )
+    return transforms.Compose([_to_rgb, *primary.transforms, *secondary.transforms, *_tensor_tail(aug, True)])
+
+
+def eval_transform(aug: AugConfig) -> transforms.Compose:
+    """Resize to img_size / crop_pct, centre crop, normalise: the evaluation view, no randomness."""
+    interp = "bicubic" if aug.interpolation == "random" else aug.interpolation
+    scale_size = int(aug.img_size / aug.crop_pct)
+    return transforms.Compose(
+        [
+            _to_rgb,
+            transforms.Resize(scale_size, interpolation=str_to_interp_mode(interp)),
+            transforms.CenterCrop(aug.img_size),
+            *_tensor_tail(aug, False),
+        ]
+    )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def seeded_view(transform: View, img: Image.Image, seed: int) -> torch.Tensor:
+    """Apply ``transform`` with every random draw taken from generators seeded by ``seed``."""
+    with sample_scope(seed):
+        return transform(img)

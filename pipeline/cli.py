@@ -1,0 +1,197 @@
+"""The ``distill`` command: one subcommand per pipeline stage, all driven by the same YAML config.
+
+Stage modules are imported inside each command so ``distill --help`` stays fast, and every known
+failure (bad config, bad input, mismatched store) is turned into a one-paragraph message naming the
+file, field or value, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for mod, name in (
+        ("pipeline.sources", "IngestError"),
+        ("pipeline.shards", "ShardError"),
+        ("pipeline.replay", "ReplayError"),
+        ("pipeline.models", "ModelError"),
+        ("store", "StoreError"),
+        ("stages.errors", "StageError"),
+    ):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the project's own errors into a clean message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-c/--config`` and repeatable ``-s/--set KEY=VALUE``; the command receives ``cfg: Config``."""
+
+    @click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=f"YAML config (default: the embedded demo, {DEFAULT_CONFIG.name}).",
+    )
+    @click.option(
+        "-s",
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one config value, e.g. --set student.epochs=10 (repeatable; YAML-typed).",
+    )
+    @functools.wraps(fn)
+    def wrapper(config_path: Path | None, overrides: tuple[str, ...], **kwargs: Any) -> Any:
+        try:
+            cfg = load_config(config_path, overrides)
+        except ConfigError as e:
+            raise click.ClickException(str(e)) from e
+        return fn(cfg=cfg, **kwargs)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="deit-distill")
+def main() -> None:
+    """Distil a DeiT student from a CNN teacher that runs once, offline.
+
+    \b
+    Stages, in pipeline order (dvc repro runs them all from dvc.yaml):
+      ingest       images -> WebDataset shards + manifest.json
+      teacher-fit  train the CNN teacher on the shards (when no pretrained one is given)
+      teacher      run the teacher over E augmented epochs -> Zarr logit store
+      verify       re-run the teacher on sampled stored views and compare
+      student      train the DeiT student from shards joined with the store
+      evaluate     accuracy, disagreement and throughput tables
+      audit        teacher/label disagreement reports from the store
+    """
+
+
+@main.command()
+@config_options
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly
+def ingest(cfg: Config, quiet: bool) -> None:
+    """Write the dataset as WebDataset shards with dense global indices and a manifest.
+
+    Samples are shuffled once with the config seed, indexed 0..N-1 in shard order and written to
+    data.shards/{train,val}-NNNNNN.tar. A rerun with unchanged config and inputs does nothing.
+    """
+    from stages import ingest as stage
+
+    out = stage.run(cfg, progress=not quiet)
+    click.echo(f"shards: {out}")
+
+
+def _device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--device", default="auto", show_default=True, help="auto (CUDA when available), cpu or cuda."
+    )(fn)
+
+
+@main.command("teacher-fit")
+@config_options
+@click.option("--force", is_flag=True, help="Retrain even when the checkpoint is up to date.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_device_option
+@friendly
+def teacher_fit(cfg: Config, force: bool, quiet: bool, device: str) -> None:
+    """Train the configured timm CNN teacher on the train shards (writes teacher.fit.output).
+
+    Needed only when no pretrained teacher is given (teacher.checkpoint / teacher.pretrained).
+    """
+    from stages import teacher_fit as stage
+
+    stage.run(cfg, progress=not quiet, device=device, force=force)
+
+
+@main.command()
+@config_options
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: teacher.workers).")
+@click.option("--batch-size", type=int, default=None, help="Inference batch (default: teacher.batch_size).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_device_option
+@friendly
+def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: bool, device: str) -> None:
+    """Run the teacher over E augmented epochs and write the logit store.
+
+    \b
+    Each (epoch, shard) unit is replayed exactly as the student will see it, and its top-k logits,
+    hard label, logsumexp and mix plan are written, then marked done. A rerun skips done units, so
+    an interrupted run resumes. Scale out with: torchrun --nproc-per-node N $(which distill) teacher
+    """
+    from stages import teacher as stage
+
+    stage.run(cfg, workers=workers, batch_size=batch_size, progress=not quiet, device=device)
+
+
+@main.command()
+@config_options
+@click.option("--samples", type=int, default=64, show_default=True, help="Random (epoch, index) pairs to check.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the pairs.")
+@click.option(
+    "--min-agreement", type=float, default=1.0, show_default=True,
+    help="Exit non-zero when hard-label agreement is below this fraction.",
+)
+@_device_option
+@friendly
+def verify(cfg: Config, samples: int, seed: int, min_agreement: float, device: str) -> None:
+    """Re-run the teacher on sampled stored views and compare with the logit store."""
+    from stages import verify as stage
+
+    report = stage.run(cfg, samples=samples, seed=seed, device=device)
+    click.echo(
+        f"verify: {report.agree}/{report.checked} hard labels agree ({report.agreement:.2%}), "
+        f"max |delta logit| {report.max_abs_logit_diff:.4g}"
+    )
+    if report.agreement < min_agreement:
+        raise click.ClickException(
+            f"hard-label agreement {report.agreement:.2%} is below --min-agreement {min_agreement:.2%}: "
+            "the store does not match what the teacher computes on the replayed views"
+        )
+
+
+@main.group("store")
+def store_group() -> None:
+    """Inspect a logit store."""
+
+
+@store_group.command("describe")
+@click.argument("path", type=click.Path(path_type=Path))
+@friendly
+def store_describe(path: Path) -> None:
+    """Print shape, K, E, completed epochs, bytes on disk and provenance of the store at PATH."""
+    import store
+
+    click.echo(store.describe(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Typed, validated configuration: one YAML file drives every stage.
+
+Every section is a strict pydantic model, so a typo in a key or a value out of range fails at load
+time with the key path and the value, rather than deep inside a stage. Section hashes give stable
+provenance for the shards and the logit store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, key path and value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    """Where images come from and how they are sharded."""
+
+    source: Literal["idx", "imagefolder"] = "idx"
+    root: Path | None = None
+    """idx: folder holding train-images-idx3-ubyte[.gz], train-labels-..., t10k-images-..., t10k-labels-..."""
+    train_root: Path | None = None
+    """imagefolder: one sub-folder per class of JPEG/PNG files."""
+    val_root: Path | None = None
+    class_names: list[str] | None = None
+    """idx only: names for class ids 0..C-1 (imagefolder takes the sorted folder names)."""
+    shards: Path = Path("data/shards")
+    shard_size: PosInt = 1000
+    train_limit: PosInt | None = None
+    """Keep only the first N train samples after the seeded shuffle (a reproducible subset)."""
+    val_limit: PosInt | None = None
+    allow_corrupt: bool = False
+    """Skip unreadable images (counted and listed in the manifest) instead of stopping."""
+
+    @model_validator(mode="after")
+    def _roots_for_source(self) -> DataConfig:
+        if self.source == "idx" and self.root is None:
+            raise ValueError("data.root is required when data.source is 'idx'")
+        if self.source == "imagefolder" and (self.train_root is None or self.val_root is None):
+            raise ValueError(
+                "data.train_root and data.val_root are required when data.source is 'imagefolder'"
+            )
+        return self
+
+
+class AugConfig(Strict):
+    """The DeiT training recipe (defaults follow the official DeiT code) and the evaluation view."""
+
+    img_size: Annotated[int, Field(ge=8, le=1024)] = 224
+    channels: Literal[1, 3] = 3
+    """Model input channels; grayscale images are replicated to 3 when this is 3."""
+    scale: tuple[Fraction, Fraction] = (0.08, 1.0)
+    ratio: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (3 / 4, 4 / 3)
+    interpolation: Literal["bilinear", "bicubic", "nearest", "random"] = "bicubic"
+    hflip: Prob = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment/AutoAugment config string, or null for none."""
+    color_jitter: NonNegFloat = 0.3
+    """Used only when auto_augment is null (as in timm)."""
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[Annotated[float, Field(gt=0.0)], ...] = (0.229, 0.224, 0.225)
+    reprob: Prob = 0.25
+    remode: Literal["const", "rand", "pixel"] = "pixel"
+    recount: PosInt = 1
+    mixup: NonNegFloat = 0.8
+    """Mixup Beta(α, α); 0 disables."""
+    cutmix: NonNegFloat = 1.0
+    """CutMix Beta(α, α); 0 disables."""
+    mix_prob: Prob = 1.0
+    switch_prob: Prob = 0.5
+    smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    window: Annotated[int, Field(ge=2, le=65536)] = 256
+    """Mixup/CutMix partners are drawn within windows of this many samples of a shard."""
+    crop_pct: Annotated[float, Field(gt=0.0, le=1.0)] = 0.875
+
+    @model_validator(mode="after")
+    def _check(self) -> AugConfig:
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"aug.scale must be (min, max) with min <= max, got {list(self.scale)}")
+        if self.ratio[0] > self.ratio[1]:
+            raise ValueError(f"aug.ratio must be (min, max) with min <= max, got {list(self.ratio)}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.channels:
+                raise ValueError(
+                    f"aug.{name} needs {self.channels} value(s) for aug.channels={self.channels}, "
+                    f"got {list(getattr(self, name))}"
+                )
+        return self
+
+    @property
+    def mixing(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+
+class TeacherFitConfig(Strict):
+    """Training the teacher locally, for machines that cannot download pretrained weights."""
+
+    epochs: PosInt = 30
+    batch_size: PosInt = 128
+    lr: Annotated[float, Field(gt=0.0)] = 0.1
+    """Base SGD learning rate for a batch of 256 (scaled linearly)."""
+    weight_decay: NonNegFloat = 5e-4
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    output: Path = Path("data/teacher.pt")
+
+
+class TeacherConfig(Strict):
+    model: str = "resnet18"
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    small_stem: bool = False
+    """3x3 stride-1 stem without max-pool, for 28 to 64 px inputs."""
+    epochs: Annotated[int, Field(ge=1, le=10000)] = 4
+    """E: how many augmented epochs are stored; student epoch t replays stored epoch t mod E."""
+    topk: Annotated[int, Field(ge=1)] = 10
+    batch_size: PosInt = 256
+    workers: Annotated[int, Field(ge=0)] = 0
+    fit: TeacherFitConfig = TeacherFitConfig()
+
+
+class StoreConfig(Strict):
+    path: Path = Path("data/logits.zarr")
+    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = "zstd"
+    level: Annotated[int, Field(ge=0, le=22)] = 3
+
+
+class StudentConfig(Strict):
+    model: str = "deit_tiny_distilled_patch16_224"
+    patch_size: PosInt | None = None
+    embed_dim: PosInt | None = None
+    depth: PosInt | None = None
+    num_heads: PosInt | None = None
+    drop_path: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    distillation: Literal["none", "soft", "hard"] = "hard"
+    token: Literal["dist", "class"] = "dist"
+    """dist: teacher term on the distillation head (DeiT⚗); class: both terms on the class head."""
+    alpha: Prob = 0.5
+    tau: Annotated[float, Field(gt=0.0)] = 1.0
+    teacher_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    teacher_mode: Literal["offline", "online"] = "offline"
+    epochs: PosInt = 300
+    batch_size: PosInt = 64
+    """Per-rank batch size; lr scales with the global batch."""
+    workers: Annotated[int, Field(ge=0)] = 0
+    lr: Annotated[float, Field(gt=0.0)] = 5e-4
+    """Base learning rate for a global batch of 512."""
+    min_lr: NonNegFloat = 1e-5
+    warmup_lr: NonNegFloat = 1e-6
+    warmup_epochs: Annotated[int, Field(ge=0)] = 5
+    weight_decay: NonNegFloat = 0.05
+    clip_grad: Annotated[float, Field(gt=0.0)] | None = None
+    ema: bool = False
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99996
+    output: Path = Path("runs/student")
+
+
+class EvaluateConfig(Strict):
+    batch_size: PosInt = 256
+    output: Path = Path("runs/eval")
+
+
+class Config(Strict):
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    data: DataConfig
+    aug: AugConfig = AugConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    store: StoreConfig = StoreConfig()
+    student: StudentConfig = StudentConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def section_hash(self, *names: str) -> str:
+        """Stable sha256 over the named sections (all when none), for provenance."""
+        dumped = self.model_dump(mode="json")
+        if names:
+            dumped = {n: dumped[n] for n in names}
+        return canonical_hash(dumped)
+
+
+def canonical_hash(obj: Any) -> str:
+    """sha256 of canonical JSON: key order and whitespace do not matter."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _format_validation(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif isinstance(got, dict):
+            lines.append(f"  {loc}: {msg}")
+        else:
+            lines.append(f"  {loc}: {msg} (got {got!r})")
+    return "\n".join(lines)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set student.epochs=10")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load, override (``a.b=value``, YAML-typed) and validate a config; errors name file, key and value."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(str(path), e)) from None

@@ -1,0 +1,224 @@
+"""The one stream function both stages use: shard samples in, replayed training views out.
+
+A view is a pure function of (image bytes, run seed, epoch, global index, augmentation config). The
+batch size, worker count, rank count, shard read order and process never enter it: per-sample draws
+come from ``derive_seed(TAG_VIEW, seed, epoch, index)`` and the mixing comes from the stored-epoch
+plan of the sample's shard. Mixed views need the partner's base view, which lives in the same
+window of the same shard, so a reader holds at most one window of base views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.augment import eval_transform, seeded_view, train_transform
+from pipeline.config import AugConfig
+from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, EpochPlan, epoch_plan, soft_target
+from pipeline.rng import TAG_SHUFFLE, TAG_VIEW, derive_seed
+from pipeline.shards import Manifest, decode_sample
+
+
+class ReplayError(RuntimeError):
+    """The shards do not hold what the manifest and the plan promise."""
+
+
+class ReplaySample(NamedTuple):
+    """One training (or evaluation) view with everything needed to join and check its targets."""
+
+    epoch: int  # the stored epoch replayed (-1 for evaluation views)
+    index: int
+    view: torch.Tensor
+    target: torch.Tensor  # mixed, smoothed soft label (one-hot-like for evaluation views)
+    label: int
+    partner: int
+    kind: int
+    lam: float
+
+
+def base_view(transform: Callable, img: Image.Image, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """The un-mixed augmented view of one sample in one epoch."""
+    return seeded_view(transform, img, derive_seed(TAG_VIEW, seed, epoch, index))
+
+
+def mix_views(
+    view: torch.Tensor, partner_view: torch.Tensor, kind: int, lam: float, box: np.ndarray
+) -> torch.Tensor:
+    """Mixup blends, CutMix pastes the partner's box; the result belongs to the first sample."""
+    if kind == KIND_MIXUP:
+        return view * lam + partner_view * (1.0 - lam)
+    if kind == KIND_CUTMIX:
+        y0, y1, x0, x1 = (int(v) for v in box)
+        out = view.clone()
+        out[:, y0:y1, x0:x1] = partner_view[:, y0:y1, x0:x1]
+        return out
+    return view
+
+
+def replay_unit(
+    samples: Iterable[dict],
+    plan: EpochPlan,
+    end: int,
+    *,
+    transform: Callable,
+    aug: AugConfig,
+    seed: int,
+    num_classes: int,
+    source: str = "shard",
+) -> Iterator[ReplaySample]:
+    """Replay one (epoch, shard) unit from its samples in shard order, one window at a time."""
+    start, window = plan.start, aug.window
+    views: list[torch.Tensor] = []
+    labels: list[int] = []
+    expected = start
+    for raw in samples:
+        index, label, img = decode_sample(raw)
+        if index != expected:
+            raise ReplayError(f"{source}: expected sample index {expected}, found {index}")
+        views.append(base_view(transform, img, seed, plan.epoch, index))
+        labels.append(label)
+        expected += 1
+        if len(views) == window or expected == end:
+            w0 = expected - len(views) - start
+            for j in range(len(views)):
+                i = w0 + j
+                p = int(plan.partner[i]) - start - w0
+                kind, lam = int(plan.kind[i]), float(plan.lam[i])
+                view = mix_views(views[j], views[p], kind, lam, plan.box[i])
+                target = soft_target(labels[j], labels[p], lam, num_classes, aug.smoothing)
+                partner = start + w0 + p
+                yield ReplaySample(plan.epoch, start + i, view, torch.from_numpy(target), labels[j], partner, kind, lam)
+            views.clear()
+            labels.clear()
+    if expected != end:
+        raise ReplayError(f"{source}: shard ended at index {expected}, the manifest says {end}")
+
+
+def eval_unit(
+    samples: Iterable[dict], transform: Callable, num_classes: int, start: int, end: int, source: str = "-"
+) -> Iterator[ReplaySample]:
+    """Deterministic evaluation views (no augmentation) with one-hot targets."""
+    expected = start
+    for raw in samples:
+        index, label, img = decode_sample(raw)
+        if index != expected:
+            raise ReplayError(f"{source}: expected sample index {expected}, found {index}")
+        target = torch.zeros(num_classes)
+        target[label] = 1.0
+        yield ReplaySample(-1, index, transform(img), target, label, index, 0, 1.0)
+        expected += 1
+    if expected != end:
+        raise ReplayError(f"{source}: shard ended at index {expected}, the manifest says {end}")
+
+
+def read_shard(path: str) -> Iterator[dict]:
+    """Raw samples of one shard, in stored order, through WebDataset (whole shard, no splitting)."""
+    return iter(
+        wds.WebDataset(
+            [path], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+        )
+    )
+
+
+class ReplayDataset(IterableDataset):
+    """Streams whole (epoch, shard) units: rank r takes units[r::world], worker w of those [w::workers].
+
+    ``split="val"`` yields evaluation views (the epoch in each unit is ignored). ``shuffle`` > 0 adds
+    a seeded shuffle buffer of that many samples; only the order changes, never a view.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        aug: AugConfig,
+        seed: int,
+        units: Sequence[tuple[int, int]],
+        *,
+        split: str = "train",
+        rank: int = 0,
+        world: int = 1,
+        shuffle: int = 0,
+    ) -> None:
+        self.manifest, self.aug, self.seed, self.split = manifest, aug, seed, split
+        self.units = list(units)
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+
+    def my_units(self) -> list[tuple[int, int]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.units[self.rank :: self.world][wid::nw]
+
+    def _stream(self) -> Iterator[ReplaySample]:
+        paths = self.manifest.shard_paths(self.split)
+        ranges = self.manifest.ranges(self.split)
+        c = self.manifest.num_classes
+        if self.split == "train":
+            transform = train_transform(self.aug)
+            for epoch, shard in self.my_units():
+                start, end = ranges[shard]
+                plan = epoch_plan(self.aug, self.seed, epoch, shard, start, end)
+                yield from replay_unit(
+                    read_shard(paths[shard]), plan, end,
+                    transform=transform, aug=self.aug, seed=self.seed, num_classes=c, source=paths[shard],
+                )
+        else:
+            transform = eval_transform(self.aug)
+            for _, shard in self.my_units():
+                start, end = ranges[shard]
+                yield from eval_unit(read_shard(paths[shard]), transform, c, start, end, paths[shard])
+
+    def __iter__(self) -> Iterator[ReplaySample]:
+        if self.shuffle <= 1:
+            yield from self._stream()
+            return
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        first = self.units[0][0] if self.units else 0
+        rng = np.random.default_rng(derive_seed(TAG_SHUFFLE, self.seed, first, self.rank, wid))
+        buf: list[ReplaySample] = []
+        for s in self._stream():
+            buf.append(s)
+            if len(buf) >= self.shuffle:
+                yield _pop_random(buf, rng)
+        while buf:
+            yield _pop_random(buf, rng)
+
+
+def _pop_random(buf: list, rng: np.random.Generator):
+    k = int(rng.integers(len(buf)))
+    buf[k], buf[-1] = buf[-1], buf[k]
+    return buf.pop()
+
+
+def replay_indices(
+    samples: Iterable[dict],
+    plan: EpochPlan,
+    indices: Sequence[int],
+    *,
+    transform: Callable,
+    seed: int,
+) -> dict[int, torch.Tensor]:
+    """Rebuild the views of a few samples of one unit (for spot checks), with the same functions as
+    :func:`replay_unit`: only those samples and their partners are decoded and augmented."""
+    start = plan.start
+    wanted = {int(i) for i in indices}
+    needed = wanted | {int(plan.partner[i - start]) for i in wanted}
+    base: dict[int, torch.Tensor] = {}
+    for raw in samples:
+        index, _, img = decode_sample(raw)
+        if index in needed:
+            base[index] = base_view(transform, img, seed, plan.epoch, index)
+    missing = needed - set(base)
+    if missing:
+        raise ReplayError(f"samples {sorted(missing)[:5]} are not in the shard of epoch {plan.epoch}")
+    out = {}
+    for i in wanted:
+        r = i - start
+        out[i] = mix_views(base[i], base[int(plan.partner[r])], int(plan.kind[r]), float(plan.lam[r]), plan.box[r])
+    return out

@@ -1,0 +1,352 @@
+"""The shard format: the single source of truth for every stage that reads or writes shards.
+
+A shards folder holds WebDataset tar files ``train-000000.tar``, ``val-000000.tar``, ... and a
+``manifest.json``. Each sample has the key ``f"{index:08d}"`` and the fields
+
+- ``jpg`` or ``png``: the encoded image (original file bytes, or PNG for array sources),
+- ``cls``: the class id, ASCII decimal,
+- ``idx``: the global dense index 0..N-1 of the sample in its split, ASCII decimal.
+
+Shards of a split hold contiguous index ranges ``[start, end)`` of ``shard_size`` samples each
+(the last may be shorter), listed in order in the manifest. The manifest (sorted keys, indent 2,
+trailing newline, no timestamps) is::
+
+    {"format": 1, "classes": [...], "num_classes": C,
+     "source": {"kind": "idx"|"imagefolder", "config_hash": ..., "input_key": ...},
+     "splits": {"train": {"count": N, "shards": [{"file", "start", "end", "count", "size", "sha256"}],
+                          "skipped": [{"path", "reason"}]},
+                "val": {...}},
+     "image": {"channels_hint": 1|3},
+     "fingerprint": sha256 of the canonical JSON of everything else}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pipeline.config import Config, canonical_hash
+
+FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+IMAGE_FIELDS = ("jpg", "png")
+# Fields of DataConfig that say where things are, not what the data is: left out of config_hash so
+# the same data ingested from or into another folder gets the same manifest.
+LOCATION_FIELDS = ("shards", "root", "train_root", "val_root")
+
+
+class ShardError(ValueError):
+    """A shards folder or manifest that cannot be used; the message names the file."""
+
+
+def shard_name(split: str, shard_id: int) -> str:
+    return f"{split}-{shard_id:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:08d}"
+
+
+def data_config_hash(config: Config) -> str:
+    """sha256 of the data section (less its location fields) and the seed: what the shards depend on."""
+    data = config.model_dump(mode="json")["data"]
+    for k in LOCATION_FIELDS:
+        data.pop(k, None)
+    return canonical_hash({"data": data, "seed": config.seed})
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    start: int
+    end: int
+    """Exclusive."""
+    count: int
+    size: int
+    """File size in bytes."""
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    count: int
+    shards: list[ShardInfo]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    """The shards folder (absolute); not stored in the file."""
+    format: int
+    classes: list[str]
+    num_classes: int
+    source: dict[str, Any]
+    splits: dict[str, SplitInfo]
+    image: dict[str, Any]
+    fingerprint: str
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def split(self, split: str) -> SplitInfo:
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(
+                f"{self.root / MANIFEST_NAME}: no split {split!r} (has {sorted(self.splits)})"
+            ) from None
+
+    def count(self, split: str) -> int:
+        return self.split(split).count
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        return self.split(split).shards
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Absolute paths of the split's shards, in index order."""
+        return [str(self.root / s.file) for s in self.split(split).shards]
+
+    def ranges(self, split: str) -> list[tuple[int, int]]:
+        """``[start, end)`` index range of each shard, in order."""
+        return [(s.start, s.end) for s in self.split(split).shards]
+
+    def shard_id_from_path(self, split: str, path: str | os.PathLike) -> int:
+        """Position of a shard (given by path or URL, e.g. a sample's ``__url__``) in the split."""
+        name = os.path.basename(str(path).rstrip("/"))
+        for i, s in enumerate(self.split(split).shards):
+            if s.file == name:
+                return i
+        raise ShardError(f"{path}: not a {split} shard of {self.root / MANIFEST_NAME}")
+
+    @property
+    def channels_hint(self) -> int:
+        return int(self.image["channels_hint"])
+
+    def to_dict(self) -> dict[str, Any]:
+        body = _body(self)
+        body["fingerprint"] = self.fingerprint
+        return body
+
+
+def _body(m: Manifest) -> dict[str, Any]:
+    return {
+        "format": m.format,
+        "classes": list(m.classes),
+        "num_classes": m.num_classes,
+        "source": dict(m.source),
+        "splits": {
+            name: {
+                "count": sp.count,
+                "shards": [
+                    {
+                        "file": s.file,
+                        "start": s.start,
+                        "end": s.end,
+                        "count": s.count,
+                        "size": s.size,
+                        "sha256": s.sha256,
+                    }
+                    for s in sp.shards
+                ],
+                "skipped": [dict(x) for x in sp.skipped],
+            }
+            for name, sp in m.splits.items()
+        },
+        "image": dict(m.image),
+    }
+
+
+# Module-level forms of the Manifest methods, for callers that prefer functions.
+
+
+def shard_paths(manifest: Manifest, split: str) -> list[str]:
+    return manifest.shard_paths(split)
+
+
+def ranges(manifest: Manifest, split: str) -> list[tuple[int, int]]:
+    return manifest.ranges(split)
+
+
+def shard_id_from_path(manifest: Manifest, split: str, path: str | os.PathLike) -> int:
+    return manifest.shard_id_from_path(split, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing the manifest
+
+
+def _from_dict(root: Path, d: dict[str, Any], where: Path) -> Manifest:
+    try:
+        splits = {}
+        for name, sp in d["splits"].items():
+            shards = [
+                ShardInfo(
+                    str(s["file"]),
+                    int(s["start"]),
+                    int(s["end"]),
+                    int(s["count"]),
+                    int(s["size"]),
+                    str(s["sha256"]),
+                )
+                for s in sp["shards"]
+            ]
+            skipped = [{"path": str(x["path"]), "reason": str(x["reason"])} for x in sp.get("skipped", [])]
+            splits[name] = SplitInfo(int(sp["count"]), shards, skipped)
+        m = Manifest(
+            root=root,
+            format=int(d["format"]),
+            classes=[str(c) for c in d["classes"]],
+            num_classes=int(d["num_classes"]),
+            source=dict(d["source"]),
+            splits=splits,
+            image=dict(d["image"]),
+            fingerprint=str(d.get("fingerprint", "")),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ShardError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+    _check_consistent(m, where)
+    return m
+
+
+def _check_consistent(m: Manifest, where: Path) -> None:
+    if m.num_classes != len(m.classes):
+        raise ShardError(f"{where}: num_classes {m.num_classes} != {len(m.classes)} class names")
+    for name, sp in m.splits.items():
+        pos = 0
+        for s in sp.shards:
+            if s.start != pos or s.end - s.start != s.count or s.count < 1:
+                raise ShardError(
+                    f"{where}: {name} shard {s.file} covers [{s.start}, {s.end}) with count {s.count}; "
+                    f"expected a non-empty range starting at {pos}"
+                )
+            pos = s.end
+        if pos != sp.count:
+            raise ShardError(f"{where}: {name} shards cover {pos} samples but count is {sp.count}")
+
+
+def load_manifest(shards_dir: Path | str) -> Manifest:
+    """Load and check ``<shards_dir>/manifest.json`` (format, ranges, fingerprint)."""
+    root = Path(shards_dir).absolute()
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardError(f"{path}: shard manifest not found (run `distill ingest` first)")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: cannot read shard manifest: {e}") from None
+    if not isinstance(d, dict):
+        raise ShardError(f"{path}: shard manifest is not a JSON object")
+    if d.get("format") != FORMAT:
+        raise ShardError(f"{path}: manifest format {d.get('format')!r}, this code reads format {FORMAT}")
+    m = _from_dict(root, d, path)
+    expected = canonical_hash(_body(m))
+    if m.fingerprint != expected:
+        raise ShardError(
+            f"{path}: manifest fingerprint {m.fingerprint!r} does not match its content ({expected}); "
+            "the file was edited or is damaged"
+        )
+    return m
+
+
+def write_manifest(shards_dir: Path | str, body: dict[str, Any]) -> Manifest:
+    """Fill in the fingerprint and write ``manifest.json``; returns the written Manifest.
+
+    ``body`` is the manifest less its fingerprint (``format`` defaults to the current one).
+    """
+    root = Path(shards_dir).absolute()
+    body = {"format": FORMAT, **body}
+    body.pop("fingerprint", None)
+    m = _from_dict(root, body, root / MANIFEST_NAME)
+    m = Manifest(**{**m.__dict__, "fingerprint": canonical_hash(_body(m))})
+    text = json.dumps(m.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    tmp = root / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, root / MANIFEST_NAME)
+    return m
+
+
+def verify_shards(manifest: Manifest, split: str) -> None:
+    """Re-hash every shard file of the split; raises ShardError naming the first bad one."""
+    for s, path in zip(manifest.shards(split), manifest.shard_paths(split), strict=True):
+        if not os.path.isfile(path):
+            raise ShardError(f"{path}: shard file missing")
+        size = os.path.getsize(path)
+        if size != s.size:
+            raise ShardError(f"{path}: size {size} bytes, manifest says {s.size}")
+        digest = sha256_file(path)
+        if digest != s.sha256:
+            raise ShardError(f"{path}: sha256 {digest} does not match the manifest ({s.sha256})")
+
+
+def shard_files_present(manifest: Manifest) -> bool:
+    """Every shard of every split exists with its recorded size (a cheap completeness check)."""
+    for split in manifest.splits:
+        for s, path in zip(manifest.shards(split), manifest.shard_paths(split), strict=True):
+            try:
+                if os.path.getsize(path) != s.size:
+                    return False
+            except OSError:
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+def encode_sample(index: int, label: int, ext: str, data: bytes) -> dict[str, Any]:
+    """The raw webdataset sample dict for one image (the inverse of :func:`decode_sample`)."""
+    if ext not in IMAGE_FIELDS:
+        raise ValueError(f"image field must be one of {IMAGE_FIELDS}, got {ext!r}")
+    return {
+        "__key__": sample_key(index),
+        "cls": str(int(label)).encode("ascii"),
+        "idx": str(int(index)).encode("ascii"),
+        ext: bytes(data),
+    }
+
+
+def _as_int(v: Any, name: str, key: Any) -> int:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        v = bytes(v).decode("ascii")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ShardError(f"sample {key!r}: field {name!r} is not an integer: {v!r}") from None
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[int, int, Image.Image]:
+    """``(index, label, image)`` from a raw (undecoded) webdataset sample.
+
+    The image is decoded with PIL and loaded, in the mode it was stored in (no conversion).
+    """
+    key = sample.get("__key__")
+    if "idx" not in sample or "cls" not in sample:
+        raise ShardError(f"sample {key!r} from {sample.get('__url__')}: missing 'idx' or 'cls' field")
+    index = _as_int(sample["idx"], "idx", key)
+    label = _as_int(sample["cls"], "cls", key)
+    for ext in IMAGE_FIELDS:
+        if ext in sample:
+            data = sample[ext]
+            break
+    else:
+        raise ShardError(f"sample {key!r} from {sample.get('__url__')}: no image field {IMAGE_FIELDS}")
+    image = Image.open(io.BytesIO(bytes(data)))
+    image.load()
+    return index, label, image

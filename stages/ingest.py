@@ -1,0 +1,241 @@
+"""Ingest: turn the configured images into WebDataset shards and a manifest (the format lives in
+pipeline/shards.py).
+
+Each split's samples are shuffled once with the config seed (its own stream per split), cut to
+data.train_limit / data.val_limit, and given dense indices 0..N-1 in shard order. Everything is
+written into a temporary sibling folder that replaces data.shards only when complete, so a crash
+never leaves a half-written dataset behind. A rerun with the same data config, seed and unchanged
+input files does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from pipeline.config import Config, canonical_hash
+from pipeline.shards import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    ShardError,
+    data_config_hash,
+    encode_sample,
+    load_manifest,
+    sha256_file,
+    shard_files_present,
+    shard_name,
+    write_manifest,
+)
+from pipeline.sources import CorruptImage, IngestError, Record, Source, read_source
+
+__all__ = ["IngestError", "run", "shuffle_records", "input_key"]
+
+# Seed stream of each split: the permutation of split s is drawn from
+# default_rng(SeedSequence(seed, spawn_key=(SPLIT_STREAM[s],))).
+SPLIT_STREAM = {"train": 0, "val": 1}
+_SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+
+
+def input_key(source: Source) -> str:
+    return canonical_hash([list(x) for x in source.inputs])
+
+
+def shuffle_records(records: list[Record], seed: int, split: str, limit: int | None) -> list[Record]:
+    """The seeded permutation of a split's records, cut to ``limit`` after the shuffle."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLIT_STREAM[split],)))
+    order = rng.permutation(len(records))
+    if limit is not None:
+        order = order[:limit]
+    return [records[i] for i in order.tolist()]
+
+
+def _current(out: Path, config_hash: str, key: str) -> Manifest | None:
+    """The existing manifest when it is whole and was made from this config and these inputs."""
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        m = load_manifest(out)
+    except ShardError:
+        return None
+    if m.source.get("config_hash") != config_hash or m.source.get("input_key") != key:
+        return None
+    if set(m.splits) != set(SPLITS) or not shard_files_present(m):
+        return None
+    return m
+
+
+def _write_split(
+    tmp: Path, split: str, records: list[Record], shard_size: int, allow_corrupt: bool, progress: bool
+) -> dict[str, Any]:
+    shards: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    state: dict[str, Any] = {"writer": None, "file": None, "start": 0}
+    index = 0
+
+    def close_shard() -> None:
+        if state["writer"] is None:
+            return
+        state["writer"].close()
+        state["file"].close()
+        name = shard_name(split, len(shards))
+        path = tmp / name
+        shards.append(
+            {
+                "file": name,
+                "start": state["start"],
+                "end": index,
+                "count": index - state["start"],
+                "size": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+        state["writer"] = state["file"] = None
+
+    with tqdm(total=len(records), desc=f"ingest {split}", unit="img", disable=not progress) as bar:
+        try:
+            for rec in records:
+                try:
+                    ext, data = rec.load()
+                except CorruptImage as e:
+                    if not allow_corrupt:
+                        raise IngestError(f"{e} (set data.allow_corrupt: true to skip such files)") from e
+                    skipped.append({"path": rec.name, "reason": e.reason})
+                    bar.update(1)
+                    continue
+                if index % shard_size == 0:
+                    close_shard()
+                    state["file"] = open(tmp / shard_name(split, len(shards)), "wb")  # noqa: SIM115
+                    state["writer"] = wds.TarWriter(state["file"], encoder=False, mtime=0)
+                    state["start"] = index
+                state["writer"].write(encode_sample(index, rec.label, ext, data))
+                index += 1
+                bar.update(1)
+            close_shard()
+        finally:
+            if state["file"] is not None:  # an error mid-shard: release the handles; tmp is removed
+                with contextlib.suppress(Exception):
+                    state["writer"].close()
+                state["file"].close()
+    return {"count": index, "shards": shards, "skipped": skipped}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove tmp/old siblings left by ingest processes that no longer run (e.g. killed ones)."""
+    if not out.parent.is_dir():
+        return
+    pat = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)$")
+    for entry in out.parent.iterdir():
+        m = pat.match(entry.name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to delete a folder that does not look like a shards folder."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise IngestError(f"{out}: data.shards exists and is not a folder")
+    ours = (MANIFEST_NAME, f".{MANIFEST_NAME}.tmp-")
+    foreign = sorted(
+        e.name for e in out.iterdir() if not (e.name.startswith(ours) or _SHARD_FILE.match(e.name))
+    )
+    if foreign:
+        raise IngestError(
+            f"{out}: data.shards exists and holds files that are not shards ({', '.join(foreign[:5])}); "
+            "remove it or point data.shards elsewhere"
+        )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists() or out.is_symlink():
+        aside = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(out, aside)
+        os.replace(tmp, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def run(config: Config, *, progress: bool = True) -> Path:
+    """Ingest ``config.data`` into shards + manifest; returns the (absolute) shards folder."""
+    data = config.data
+    out = Path(data.shards).absolute()
+    t0 = time.perf_counter()
+    source = read_source(data)
+    config_hash = data_config_hash(config)
+    key = input_key(source)
+
+    current = _current(out, config_hash, key)
+    if current is not None:
+        print(f"shards up to date (fingerprint {current.fingerprint[:16]}) in {out}")
+        return out
+
+    _check_replaceable(out)
+    splits = {
+        split: shuffle_records(source.splits[split], config.seed, split, limit)
+        for split, limit in (("train", data.train_limit), ("val", data.val_limit))
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        written = {
+            split: _write_split(tmp, split, recs, data.shard_size, data.allow_corrupt, progress)
+            for split, recs in splits.items()
+        }
+        roots = {"train": data.train_root, "val": data.val_root} if data.source == "imagefolder" else {}
+        for split, info in written.items():
+            if info["count"] == 0:
+                raise IngestError(f"{roots.get(split, data.root)}: no usable {split} samples")
+        manifest = write_manifest(
+            tmp,
+            {
+                "classes": source.classes,
+                "num_classes": len(source.classes),
+                "source": {"kind": source.kind, "config_hash": config_hash, "input_key": key},
+                "splits": written,
+                "image": {"channels_hint": source.channels_hint},
+            },
+        )
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    counts = " / ".join(f"{manifest.count(s)} {s}" for s in SPLITS)
+    n_shards = sum(len(manifest.shards(s)) for s in SPLITS)
+    print(
+        f"wrote {counts} samples in {n_shards} shards to {out} "
+        f"(fingerprint {manifest.fingerprint[:16]}, {time.perf_counter() - t0:.1f}s)"
+    )
+    for s in SPLITS:
+        skipped = manifest.split(s).skipped
+        if skipped:
+            print(f"skipped {len(skipped)} corrupt {s} image(s), listed in {out / MANIFEST_NAME}")
+    return out

@@ -1,0 +1,132 @@
+"""``distill teacher-fit``: train the CNN teacher on the shards, for machines that cannot download weights.
+
+The teacher trains on the same replayed DeiT views as everything else (so it is robust to the mixed,
+erased inputs it will later label), in epochs numbered apart from the stored ones. The checkpoint
+records a hash of everything that shaped it, so a rerun with the same inputs does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.config import Config, canonical_hash
+from pipeline.losses import soft_target_cross_entropy
+from pipeline.models import create_teacher, save_teacher_checkpoint
+from pipeline.replay import ReplayDataset
+from pipeline.shards import Manifest, load_manifest
+from stages.common import StageError, make_loader
+
+FIT_EPOCH_BASE = 1_000_000
+"""Fit epoch t replays augmentation epoch FIT_EPOCH_BASE + t: fresh views, never a stored epoch's."""
+
+
+def fit_hash(cfg: Config, manifest: Manifest) -> str:
+    t = cfg.teacher
+    return canonical_hash(
+        {
+            "model": t.model,
+            "small_stem": t.small_stem,
+            "fit": t.fit.model_dump(mode="json", exclude={"output"}),
+            "aug": cfg.aug.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "manifest": manifest.fingerprint,
+        }
+    )
+
+
+def _existing_hash(path: Path) -> str | None:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj.get("meta", {}).get("fit_hash")
+    except Exception:
+        return None
+
+
+@torch.no_grad()
+def evaluate_top1(model: torch.nn.Module, manifest: Manifest, cfg: Config, device: torch.device) -> float:
+    """Top-1 accuracy on the val shards (evaluation views)."""
+    model.eval()
+    units = [(0, s) for s in range(len(manifest.ranges("val")))]
+    ds = ReplayDataset(manifest, cfg.aug, cfg.seed, units, split="val")
+    correct = total = 0
+    for batch in make_loader(ds, cfg.evaluate.batch_size, 0):
+        pred = model(batch.view.to(device)).argmax(1).cpu()
+        correct += int((pred == batch.label).sum())
+        total += len(pred)
+    return correct / max(total, 1)
+
+
+def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool = False) -> Path:
+    """Train ``cfg.teacher.model`` from scratch and save it to ``cfg.teacher.fit.output``."""
+    env = distributed.setup(device)
+    if env.world > 1:
+        raise StageError("teacher-fit runs in one process; start it without torchrun")
+    fit = cfg.teacher.fit
+    manifest = load_manifest(cfg.data.shards)
+    out = Path(fit.output)
+    h = fit_hash(cfg, manifest)
+    if not force and out.is_file() and _existing_hash(out) == h:
+        print(f"teacher-fit: {out} is up to date (fit hash {h[:12]}), nothing to do")
+        return out
+
+    torch.manual_seed(cfg.seed)
+    model = create_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
+    model.to(env.device)
+    n_train = manifest.count("train")
+    steps_per_epoch = -(-n_train // fit.batch_size)
+    lr = fit.lr * fit.batch_size / 256
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=fit.weight_decay)
+    sched = CosineLRScheduler(
+        opt, t_initial=fit.epochs * steps_per_epoch, lr_min=lr * 1e-3,
+        warmup_t=fit.warmup_epochs * steps_per_epoch, warmup_lr_init=lr * 0.01, t_in_epochs=False,
+    )
+    shards = range(len(manifest.ranges("train")))
+    history = []
+    t0 = time.perf_counter()
+    step = 0
+    with tqdm(total=fit.epochs * n_train, unit="im", desc=f"teacher-fit {cfg.teacher.model}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for epoch in range(fit.epochs):
+            model.train()
+            units = [(FIT_EPOCH_BASE + epoch, s) for s in shards]
+            ds = ReplayDataset(manifest, cfg.aug, cfg.seed, units, shuffle=min(4096, n_train))
+            loss_sum = seen = 0.0
+            for batch in make_loader(ds, fit.batch_size, cfg.teacher.workers):
+                x, y = batch.view.to(env.device), batch.target.to(env.device)
+                loss = soft_target_cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                sched.step_update(step)
+                loss_sum += float(loss) * len(x)
+                seen += len(x)
+                bar.update(len(x))
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}")
+            history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1)})
+
+    top1 = evaluate_top1(model, manifest, cfg, env.device)
+    elapsed = time.perf_counter() - t0
+    meta = {
+        "model": cfg.teacher.model,
+        "small_stem": cfg.teacher.small_stem,
+        "num_classes": manifest.num_classes,
+        "in_chans": cfg.aug.channels,
+        "fit_hash": h,
+        "val_top1": top1,
+        "epochs": fit.epochs,
+        "seconds": round(elapsed, 1),
+    }
+    model.cpu()
+    sha = save_teacher_checkpoint(model, out, meta)
+    report = {**meta, "sha256": sha, "history": history}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"teacher-fit: val top-1 {top1:.4f} after {fit.epochs} epochs ({elapsed:.0f} s) -> {out} (sha256 {sha[:12]})")
+    return out

@@ -1,0 +1,64 @@
+"""The logit store: teacher top-k targets and mix plans in Zarr v3, one chunk per (epoch, shard).
+
+Knows nothing of models or training: numpy arrays in, numpy arrays out.
+"""
+
+from store.describe import describe
+from store.layout import (
+    CODECS,
+    FORMAT,
+    KIND_CUTMIX,
+    KIND_MIXUP,
+    KIND_NONE,
+    StoreSpec,
+    array_layout,
+    create_store,
+    disk_bytes,
+    finalize,
+    spec_of,
+)
+from store.provenance import IDENTITY_FIELDS, ProvenanceMismatch, StoreError
+from store.reader import (
+    MissingUnit,
+    TrainUnit,
+    ValUnit,
+    dense_soft_target,
+    done_mask,
+    open_store,
+    read_train_unit,
+    read_val,
+    stored_probs,
+    val_done_mask,
+)
+from store.writer import topk_from_logits, write_train_unit, write_val_unit
+
+__all__ = [
+    "CODECS",
+    "FORMAT",
+    "IDENTITY_FIELDS",
+    "KIND_CUTMIX",
+    "KIND_MIXUP",
+    "KIND_NONE",
+    "MissingUnit",
+    "ProvenanceMismatch",
+    "StoreError",
+    "StoreSpec",
+    "TrainUnit",
+    "ValUnit",
+    "array_layout",
+    "create_store",
+    "dense_soft_target",
+    "describe",
+    "disk_bytes",
+    "done_mask",
+    "finalize",
+    "open_store",
+    "read_train_unit",
+    "read_val",
+    "spec_of",
+    "stored_probs",
+    "topk_from_logits",
+    "val_done_mask",
+    "write_train_unit",
+    "write_val_unit",
+]

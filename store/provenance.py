@@ -1,0 +1,109 @@
+"""Provenance of a logit store: which fields identify the run that wrote it, and how a mismatch reads.
+
+Stored targets are only right for the exact teacher, augmentation, seed, epoch count, top-k and
+shard manifest that produced them. Those are the *identity* fields: a store whose identity differs
+from the run asking for it must be refused, loudly, naming the field. Everything else the caller
+records (library versions, creation time, host, checkpoint path, the full augmentation config for
+humans, ...) is *informational*: kept in the store for audits, never compared, so that upgrading a
+library or moving a checkpoint file does not invalidate a store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "teacher",
+    "teacher_sha256",
+    "aug_hash",
+    "seed",
+    "epochs",
+    "topk",
+    "num_classes",
+    "manifest_fingerprint",
+)
+"""Fields compared when a store is opened for a run. Any other provenance key is informational."""
+
+INFORMATIONAL_EXAMPLES: tuple[str, ...] = ("versions", "created", "host", "teacher_checkpoint", "aug")
+"""Examples of informational keys (not compared); listed for documentation only."""
+
+_ABSENT = "<absent>"
+
+
+class StoreError(Exception):
+    """A logit store that cannot be used as asked (missing, incomplete, wrong format, bad request)."""
+
+
+class ProvenanceMismatch(StoreError):
+    """The store was written by a different run than the one asking for it.
+
+    ``differences`` holds ``(field, stored_value, expected_value)`` for every differing field.
+    """
+
+    def __init__(self, message: str, differences: list[tuple[str, Any, Any]]):
+        super().__init__(message)
+        self.differences = differences
+
+    @property
+    def fields(self) -> list[str]:
+        return [d[0] for d in self.differences]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def normalize(obj: Any) -> Any:
+    """JSON round trip, so stored and fresh values compare alike (tuples -> lists, numpy -> python)."""
+    return json.loads(json.dumps(obj, default=_jsonable, sort_keys=True))
+
+
+def short(value: Any, limit: int = 100) -> str:
+    """repr of a value, cut to ``limit`` characters so a message about a long list stays readable."""
+    text = "<absent>" if value is _ABSENT else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def differences(
+    stored: dict[str, Any], expected: dict[str, Any], fields: list[str]
+) -> list[tuple[str, Any, Any]]:
+    """(field, stored, expected) for each of ``fields`` whose values differ; a missing key differs."""
+    out = []
+    for f in fields:
+        s = stored.get(f, _ABSENT)
+        e = normalize(expected[f]) if f in expected else _ABSENT
+        if s != e:
+            out.append((f, s, e))
+    return out
+
+
+def mismatch_error(where: str, diffs: list[tuple[str, Any, Any]]) -> ProvenanceMismatch:
+    """One ProvenanceMismatch listing every differing field with both values."""
+    lines = [
+        f"provenance field '{f}' differs: store has {short(s)}, this run expects {short(e)}"
+        for f, s, e in diffs
+    ]
+    if len(lines) == 1:
+        msg = f"logit store {where}: {lines[0]}"
+    else:
+        msg = f"logit store {where}: {len(lines)} provenance fields differ:\n  " + "\n  ".join(lines)
+    msg += "\n(use another store path, or delete this store to rebuild it for this run)"
+    return ProvenanceMismatch(msg, diffs)
+
+
+def check_identity(where: str, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise ProvenanceMismatch if any IDENTITY field given in ``expected`` differs from ``stored``."""
+    fields = [f for f in IDENTITY_FIELDS if f in expected]
+    diffs = differences(stored, expected, fields)
+    if diffs:
+        raise mismatch_error(where, diffs)

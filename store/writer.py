@@ -1,0 +1,172 @@
+"""Writing (epoch, shard) units into the logit store, and turning full logits into top-k targets.
+
+A unit's data is written first and its done flag last, so a crash never leaves a unit marked done
+without its data; re-running the teacher stage skips exactly the units marked done.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from store.layout import KIND_CUTMIX, StoreSpec, spec_of
+
+
+def _topk_order(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, by value descending then class ascending (= a stable sort).
+
+    argpartition finds the candidates in O(C); only rows whose ties straddle the k-th place (where
+    the candidate set itself is ambiguous) fall back to a full stable sort.
+    """
+    if k >= x.shape[1]:
+        return np.argsort(-x, axis=1, kind="stable")
+    part = np.argpartition(-x, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(x, part, axis=1)
+    order = np.take_along_axis(part, np.lexsort((part, -vals), axis=1), axis=1)
+    kth = vals.min(axis=1, keepdims=True)
+    ambiguous = np.flatnonzero((x == kth).sum(axis=1) > (vals == kth).sum(axis=1))
+    if ambiguous.size:
+        order[ambiguous] = np.argsort(-x[ambiguous], axis=1, kind="stable")[:, :k]
+    return order
+
+
+def topk_from_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Full (n, C) logits -> (top-k logits float16 sorted descending, their classes, argmax, logsumexp).
+
+    Ties are broken by lowest class id first (a stable sort), so the result is deterministic; the
+    argmax is the first of the sorted classes, consistent with ``np.argmax``. logsumexp is of the
+    full logits at temperature 1, in float32, so readers can rebuild exact probabilities.
+    """
+    x = np.asarray(logits)
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"topk_from_logits: expected (n, C) logits, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"topk_from_logits: logits must be floating point, got {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError("topk_from_logits: logits contain NaN or inf")
+    x = x.astype(np.float32, copy=False)
+    n, c = x.shape
+    if k < 1:
+        raise ValueError(f"topk_from_logits: k must be >= 1, got {k}")
+    k = min(k, c)
+    order = _topk_order(x, k)
+    top = np.take_along_axis(x, order, axis=1)
+    m = x.max(axis=1, keepdims=True)
+    # exp in float32 (each term exact to ~1e-7 relative), summed in float64
+    lse = (m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=1, dtype=np.float64))).astype(
+        np.float32
+    )
+    label_dtype = np.uint16 if c <= 65535 else np.int32
+    classes = order.astype(label_dtype)
+    return top.astype(np.float16), classes, classes[:, 0].copy(), lse
+
+
+def _arr(where: str, name: str, value: object, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    a = np.asarray(value)
+    if a.shape != shape:
+        raise ValueError(f"{where}: {name} has shape {a.shape}, expected {shape}")
+    ok = np.issubdtype(a.dtype, np.floating) if kind == "f" else np.issubdtype(a.dtype, np.integer)
+    if not ok:
+        want = "floating point" if kind == "f" else "integer"
+        raise ValueError(f"{where}: {name} must be {want}, got dtype {a.dtype}")
+    return a
+
+
+def _ints(where: str, name: str, a: np.ndarray, lo: int, hi: int, dtype: np.dtype) -> np.ndarray:
+    """Range-check integers (lo <= v < hi) before casting, so a cast never wraps silently."""
+    if a.size and (a.min() < lo or a.max() >= hi):
+        raise ValueError(f"{where}: {name} values must be in [{lo}, {hi}), got min {a.min()} max {a.max()}")
+    return a.astype(dtype, copy=False)
+
+
+def _floats(where: str, name: str, a: np.ndarray, dtype: type) -> np.ndarray:
+    out = a.astype(dtype, copy=False)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{where}: {name} has NaN or inf (after conversion to {np.dtype(dtype).name})")
+    return out
+
+
+def _targets(where: str, spec: StoreSpec, n: int, topk_logits, topk_classes, hard_label, logsumexp, label):
+    k, c, lab = spec.k, spec.num_classes, spec.label_dtype
+    tl = _floats(where, "topk_logits", _arr(where, "topk_logits", topk_logits, (n, k), "f"), np.float16)
+    if k > 1 and not (tl[:, :-1] >= tl[:, 1:]).all():
+        raise ValueError(f"{where}: topk_logits rows must be sorted by logit, descending")
+    tc = _ints(where, "topk_classes", _arr(where, "topk_classes", topk_classes, (n, k), "i"), 0, c, lab)
+    hl = _ints(where, "hard_label", _arr(where, "hard_label", hard_label, (n,), "i"), 0, c, lab)
+    lse = _floats(where, "logsumexp", _arr(where, "logsumexp", logsumexp, (n,), "f"), np.float32)
+    lb = _ints(where, "label", _arr(where, "label", label, (n,), "i"), 0, c, lab)
+    return tl, tc, hl, lse, lb
+
+
+def write_train_unit(
+    group: zarr.Group,
+    epoch: int,
+    shard: int,
+    *,
+    topk_logits: np.ndarray,
+    topk_classes: np.ndarray,
+    hard_label: np.ndarray,
+    logsumexp: np.ndarray,
+    partner: np.ndarray,
+    lam: np.ndarray,
+    kind: np.ndarray,
+    label: np.ndarray,
+) -> None:
+    """Write rows [start, end) of one shard for one stored epoch, then mark the unit done (last).
+
+    Inputs are numpy arrays for exactly that shard's rows; they are checked (shape, dtype kind,
+    value range, sort order) and cast to the store's dtypes. Each write covers whole chunks.
+    """
+    spec = spec_of(group)
+    where = f"write_train_unit(epoch={epoch}, shard={shard})"
+    if not 0 <= epoch < spec.epochs:
+        raise ValueError(f"{where}: epoch out of range [0, {spec.epochs})")
+    if not 0 <= shard < spec.n_shards:
+        raise ValueError(f"{where}: shard out of range [0, {spec.n_shards})")
+    start, end = spec.train_ranges[shard]
+    n = end - start
+    where += f" rows [{start}, {end})"
+    tl, tc, hl, lse, lb = _targets(where, spec, n, topk_logits, topk_classes, hard_label, logsumexp, label)
+    pa = _ints(where, "partner", _arr(where, "partner", partner, (n,), "i"), -1, spec.n_train, np.int32)
+    la = _floats(where, "lam", _arr(where, "lam", lam, (n,), "f"), np.float32)
+    if la.size and (la.min() < 0 or la.max() > 1):
+        raise ValueError(f"{where}: lam values must be in [0, 1], got min {la.min()} max {la.max()}")
+    kd = _ints(where, "kind", _arr(where, "kind", kind, (n,), "i"), 0, KIND_CUTMIX + 1, np.uint8)
+
+    group["train/topk_logits"][epoch, start:end] = tl
+    group["train/topk_classes"][epoch, start:end] = tc
+    group["train/hard_label"][epoch, start:end] = hl
+    group["train/logsumexp"][epoch, start:end] = lse
+    group["train/partner"][epoch, start:end] = pa
+    group["train/lam"][epoch, start:end] = la
+    group["train/kind"][epoch, start:end] = kd
+    group["train/label"][start:end] = lb  # same values from every epoch; writes are atomic renames
+    group["train/done"][epoch, shard] = True  # last: the unit counts only once all its data is there
+
+
+def write_val_unit(
+    group: zarr.Group,
+    shard: int,
+    *,
+    topk_logits: np.ndarray,
+    topk_classes: np.ndarray,
+    hard_label: np.ndarray,
+    logsumexp: np.ndarray,
+    label: np.ndarray,
+) -> None:
+    """Write one val shard's rows (the plain evaluation view, no epochs), then mark it done (last)."""
+    spec = spec_of(group)
+    where = f"write_val_unit(shard={shard})"
+    if not 0 <= shard < spec.n_val_shards:
+        raise ValueError(f"{where}: shard out of range [0, {spec.n_val_shards})")
+    start, end = spec.val_ranges[shard]
+    where += f" rows [{start}, {end})"
+    tl, tc, hl, lse, lb = _targets(
+        where, spec, end - start, topk_logits, topk_classes, hard_label, logsumexp, label
+    )
+    group["val/topk_logits"][start:end] = tl
+    group["val/topk_classes"][start:end] = tc
+    group["val/hard_label"][start:end] = hl
+    group["val/logsumexp"][start:end] = lse
+    group["val/label"][start:end] = lb
+    group["val/done"][shard] = True  # last

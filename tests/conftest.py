@@ -1,0 +1,164 @@
+"""Shared small-data helpers and fixtures.
+
+Helpers (plain functions, importable as ``from conftest import make_idx`` or used via fixtures):
+
+- ``make_idx(root, n_train, n_val, size=28, classes=10, *, gz=True, channels=1, seed=0)`` writes the
+  four MNIST-style IDX files into ``root``; image i of a split is random uint8 noise, label i % classes.
+- ``write_idx(path, array, gz=True)`` writes one uint8 IDX file.
+- ``make_imagefolder(root, classes=("cat", "dog", "fish"), n_train=3, n_val=2, size=16, fmt="mixed")``
+  writes ``root/train/<class>/*`` and ``root/val/<class>/*`` RGB images (fmt "png", "jpg" or
+  "mixed" alternating) and returns ``(train_root, val_root)``.
+- ``make_config(tmp_path, data, **sections)`` a validated Config whose every output lives under
+  ``tmp_path``, with tiny models and epochs; ``data`` and ``sections`` override (deep-merged).
+
+Fixtures: ``idx_root`` (25 train / 12 val gzipped 28x28 images, 10 classes), ``imagefolder_roots``
+(``(train_root, val_root)``, 3 classes, 3 train / 2 val each, PNG and JPEG mixed), ``tiny_config``
+(an idx Config on ``idx_root`` with shards in ``tmp_path / "shards"`` and shard_size 10).
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the project is not installed in the venv; make it importable
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.config import Config  # noqa: E402
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Write a uint8 array as an IDX file (gzipped when ``gz``)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + array.tobytes()
+    path.write_bytes(gzip.compress(raw, mtime=0) if gz else raw)
+    return path
+
+
+def make_idx(
+    root: Path,
+    n_train: int,
+    n_val: int,
+    size: int = 28,
+    classes: int = 10,
+    *,
+    gz: bool = True,
+    channels: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Write train/t10k images and labels IDX files into ``root``; returns ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        shape = (n, size, size) if channels == 1 else (n, size, size, channels)
+        images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        labels = (np.arange(n) % classes).astype(np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", images, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gz)
+    return root
+
+
+def make_imagefolder(
+    root: Path,
+    classes: tuple[str, ...] | list[str] = ("cat", "dog", "fish"),
+    n_train: int = 3,
+    n_val: int = 2,
+    size: int = 16,
+    fmt: str = "mixed",
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Write an ImageNet-style train/val folder pair of RGB images; returns (train_root, val_root)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    roots = (root / "train", root / "val")
+    for split_root, n in zip(roots, (n_train, n_val), strict=True):
+        for c in classes:
+            folder = split_root / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                ext = fmt if fmt != "mixed" else ("png" if i % 2 == 0 else "jpg")
+                im = Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+                im.save(folder / f"{c}_{i:03d}.{ext}", format="PNG" if ext == "png" else "JPEG")
+    return roots
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_config(tmp_path: Path, data: dict[str, Any], **sections: Any) -> Config:
+    """A tiny, valid Config with every output under ``tmp_path``; keyword sections deep-merge."""
+    tmp_path = Path(tmp_path)
+    raw: dict[str, Any] = {
+        "seed": 0,
+        "data": {"shards": str(tmp_path / "shards"), "shard_size": 10},
+        "aug": {
+            "img_size": 28,
+            "channels": 1,
+            "mean": [0.5],
+            "std": [0.5],
+            "auto_augment": None,
+            "color_jitter": 0.0,
+            "scale": [0.35, 1.0],
+            "window": 8,
+            "crop_pct": 1.0,
+        },
+        "teacher": {
+            "model": "resnet18",
+            "small_stem": True,
+            "epochs": 2,
+            "topk": 5,
+            "batch_size": 16,
+            "fit": {
+                "epochs": 1,
+                "batch_size": 16,
+                "warmup_epochs": 0,
+                "output": str(tmp_path / "teacher.pt"),
+            },
+        },
+        "store": {"path": str(tmp_path / "logits.zarr")},
+        "student": {
+            "patch_size": 7,
+            "embed_dim": 32,
+            "depth": 1,
+            "num_heads": 2,
+            "epochs": 2,
+            "batch_size": 8,
+            "warmup_epochs": 0,
+            "output": str(tmp_path / "runs" / "student"),
+        },
+        "evaluate": {"batch_size": 16, "output": str(tmp_path / "runs" / "eval")},
+    }
+    raw = _merge(raw, {"data": data, **sections})
+    return Config.model_validate(raw)
+
+
+@pytest.fixture
+def idx_root(tmp_path: Path) -> Path:
+    """25 train / 12 val gzipped 28x28 grayscale IDX images, 10 classes."""
+    return make_idx(tmp_path / "idx", 25, 12)
+
+
+@pytest.fixture
+def imagefolder_roots(tmp_path: Path) -> tuple[Path, Path]:
+    """(train_root, val_root): 3 classes, 3 train / 2 val 16x16 RGB images each, PNG and JPEG mixed."""
+    return make_imagefolder(tmp_path / "folder")
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, idx_root: Path) -> Config:
+    """An idx Config on ``idx_root``: shards in ``tmp_path / "shards"`` (shard_size 10), tiny models."""
+    return make_config(tmp_path, {"source": "idx", "root": str(idx_root)})
