@@ -25,7 +25,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("pipeline.replay", "ReplayError"),
         ("pipeline.models", "ModelError"),
         ("store", "StoreError"),
-        ("stages.errors", "StageError"),
+        ("stages.common", "StageError"),
     ):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
@@ -176,6 +176,32 @@ def verify(cfg: Config, samples: int, seed: int, min_agreement: float, device: s
             f"hard-label agreement {report.agreement:.2%} is below --min-agreement {min_agreement:.2%}: "
             "the store does not match what the teacher computes on the replayed views"
         )
+
+
+@main.command()
+@config_options
+@click.option("--teacher", "teacher_mode", type=click.Choice(["offline", "online"]), default=None,
+              help="offline: targets from the logit store (default, student.teacher_mode); online: run the "
+                   "teacher inside every step, as the official DeiT code does.")
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: student.workers).")
+@click.option("--until-epoch", type=int, default=None, help="Stop after this many epochs (resumable).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_device_option
+@friendly
+def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_epoch: int | None, quiet: bool,
+            device: str) -> None:
+    """Train the DeiT student from the shards joined with the logit store.
+
+    \b
+    Training epoch t replays stored epoch t mod E, checks each unit's stored mix plan against the
+    replayed one, and resumes from student.output/checkpoint.pt when it matches this run.
+    Scale out with: torchrun --nproc-per-node N $(which distill) student
+    """
+    from stages import student as stage
+
+    out = stage.run(cfg, progress=not quiet, device=device, workers=workers, teacher_mode=teacher_mode,
+                    until_epoch=until_epoch)
+    click.echo(f"student: {out}")
 
 
 @main.group("store")

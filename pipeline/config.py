@@ -169,6 +169,10 @@ class StudentConfig(Strict):
     clip_grad: Annotated[float, Field(gt=0.0)] | None = None
     ema: bool = False
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99996
+    eval_every: PosInt = 1
+    """Evaluate on val every N epochs (and always after the last)."""
+    shuffle: Annotated[int, Field(ge=0)] = 2048
+    """Seeded shuffle buffer (samples per worker); 0 streams shards in order."""
     output: Path = Path("runs/student")
 
 

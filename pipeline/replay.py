@@ -10,7 +10,7 @@ window of the same shard, so a reader holds at most one window of base views.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -130,7 +130,10 @@ class ReplayDataset(IterableDataset):
     """Streams whole (epoch, shard) units: rank r takes units[r::world], worker w of those [w::workers].
 
     ``split="val"`` yields evaluation views (the epoch in each unit is ignored). ``shuffle`` > 0 adds
-    a seeded shuffle buffer of that many samples; only the order changes, never a view.
+    a seeded shuffle buffer of that many samples, seeded by ``order_epoch`` (default: the first
+    unit's epoch); only the order changes, never a view. ``join``,
+    called once per train unit with its plan (inside the worker), returns a function that maps each
+    replayed sample to the item to yield: how the student attaches a unit's stored targets, read once.
     """
 
     def __init__(
@@ -144,17 +147,20 @@ class ReplayDataset(IterableDataset):
         rank: int = 0,
         world: int = 1,
         shuffle: int = 0,
+        join: Callable[[EpochPlan], Callable[[ReplaySample], Any]] | None = None,
+        order_epoch: int | None = None,
     ) -> None:
         self.manifest, self.aug, self.seed, self.split = manifest, aug, seed, split
         self.units = list(units)
-        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.rank, self.world, self.shuffle, self.join = rank, world, shuffle, join
+        self.order_epoch = order_epoch if order_epoch is not None else (self.units[0][0] if self.units else 0)
 
     def my_units(self) -> list[tuple[int, int]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.units[self.rank :: self.world][wid::nw]
 
-    def _stream(self) -> Iterator[ReplaySample]:
+    def _stream(self) -> Iterator[Any]:
         paths = self.manifest.shard_paths(self.split)
         ranges = self.manifest.ranges(self.split)
         c = self.manifest.num_classes
@@ -163,24 +169,24 @@ class ReplayDataset(IterableDataset):
             for epoch, shard in self.my_units():
                 start, end = ranges[shard]
                 plan = epoch_plan(self.aug, self.seed, epoch, shard, start, end)
-                yield from replay_unit(
+                samples = replay_unit(
                     read_shard(paths[shard]), plan, end,
                     transform=transform, aug=self.aug, seed=self.seed, num_classes=c, source=paths[shard],
                 )
+                yield from samples if self.join is None else map(self.join(plan), samples)
         else:
             transform = eval_transform(self.aug)
             for _, shard in self.my_units():
                 start, end = ranges[shard]
                 yield from eval_unit(read_shard(paths[shard]), transform, c, start, end, paths[shard])
 
-    def __iter__(self) -> Iterator[ReplaySample]:
+    def __iter__(self) -> Iterator[Any]:
         if self.shuffle <= 1:
             yield from self._stream()
             return
         info = get_worker_info()
         wid = info.id if info is not None else 0
-        first = self.units[0][0] if self.units else 0
-        rng = np.random.default_rng(derive_seed(TAG_SHUFFLE, self.seed, first, self.rank, wid))
+        rng = np.random.default_rng(derive_seed(TAG_SHUFFLE, self.seed, self.order_epoch, self.rank, wid))
         buf: list[ReplaySample] = []
         for s in self._stream():
             buf.append(s)

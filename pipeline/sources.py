@@ -165,7 +165,7 @@ def read_idx(path: Path) -> np.ndarray:
         raw = path.read_bytes()
     except OSError as e:
         raise IngestError(f"{path}: cannot read IDX file: {e.strerror or e}") from e
-    if str(path).endswith(".gz"):
+    if raw.startswith(GZIP_MAGIC):
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, gzip.BadGzipFile) as e:

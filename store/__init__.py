@@ -4,6 +4,7 @@ Knows nothing of models or training: numpy arrays in, numpy arrays out.
 """
 
 from store.describe import describe
+from store.frames import KIND_LABELS, train_frame, val_frame
 from store.layout import (
     CODECS,
     FORMAT,
@@ -37,6 +38,7 @@ __all__ = [
     "FORMAT",
     "IDENTITY_FIELDS",
     "KIND_CUTMIX",
+    "KIND_LABELS",
     "KIND_MIXUP",
     "KIND_NONE",
     "MissingUnit",
@@ -58,7 +60,9 @@ __all__ = [
     "spec_of",
     "stored_probs",
     "topk_from_logits",
+    "train_frame",
     "val_done_mask",
+    "val_frame",
     "write_train_unit",
     "write_val_unit",
 ]

@@ -69,9 +69,12 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 # Sources
 
 
-@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
+@pytest.mark.parametrize("gz", [True, False, "unsuffixed"], ids=["gzipped", "plain", "gzipped-no-suffix"])
 def test_idx_ingest_stores_every_image_and_label(tmp_path, gz):
-    root = make_idx(tmp_path / "idx", 23, 7, size=12, classes=5, gz=gz)
+    root = make_idx(tmp_path / "idx", 23, 7, size=12, classes=5, gz=bool(gz))
+    if gz == "unsuffixed":  # gzip is detected by its magic bytes, not the file name
+        for p in root.glob("*.gz"):
+            p.rename(p.with_suffix(""))
     out = ingest.run(idx_config(tmp_path, root), progress=False)
     m = load_manifest(out)
     assert (m.count("train"), m.count("val")) == (23, 7)
@@ -150,9 +153,7 @@ def test_shards_hold_equal_counts_and_contiguous_ranges(tmp_path, idx_root):
     assert m.ranges("train") == [(0, 10), (10, 20), (20, 25)]
     assert m.ranges("val") == [(0, 10), (10, 12)]
     for split in ("train", "val"):
-        for info, path, (start, end) in zip(
-            m.shards(split), m.shard_paths(split), m.ranges(split), strict=True
-        ):
+        for info, path, (start, end) in zip(m.shards(split), m.shard_paths(split), m.ranges(split), strict=True):
             assert os.path.basename(path) == info.file
             assert sorted(int(s["idx"]) for s in read_samples(path)) == list(range(start, end))
             assert info.count == end - start

@@ -1,0 +1,65 @@
+"""Ingest throughput (images/s) on Fashion-MNIST IDX files into a temporary shards folder.
+
+    .venv/bin/python bench/bench_ingest.py                  # all 60,000 train + 10,000 val images
+    .venv/bin/python bench/bench_ingest.py --limit 5000     # first 5,000 train (and val) after the shuffle
+
+Also times the no-op rerun (the up-to-date check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.config import Config  # noqa: E402
+from pipeline.shards import load_manifest  # noqa: E402
+from stages import ingest  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX files")
+    ap.add_argument("--limit", type=int, default=None, help="train_limit and val_limit (default: all)")
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--out", default=None, help="parent folder for the shards (default: a temp dir)")
+    ap.add_argument("--progress", action="store_true", help="show the tqdm bars")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.out) as tmp:
+        config = Config.model_validate(
+            {
+                "seed": 0,
+                "data": {
+                    "source": "idx",
+                    "root": args.root,
+                    "shards": str(Path(tmp) / "shards"),
+                    "shard_size": args.shard_size,
+                    "train_limit": args.limit,
+                    "val_limit": args.limit,
+                },
+            }
+        )
+        t0 = time.perf_counter()
+        out = ingest.run(config, progress=args.progress)
+        dt = time.perf_counter() - t0
+        m = load_manifest(out)
+        n = m.count("train") + m.count("val")
+        size = sum(p.stat().st_size for p in out.iterdir())
+        t1 = time.perf_counter()
+        ingest.run(config, progress=False)
+        rerun = time.perf_counter() - t1
+    print(
+        f"ingest: {n} images ({m.count('train')} train + {m.count('val')} val) in {dt:.2f}s = "
+        f"{n / dt:,.0f} images/s; {size / 2**20:.1f} MiB of shards; up-to-date rerun {rerun * 1000:.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The student's input stream: replayed views joined with the stored teacher targets of their unit.
+
+Each (epoch, shard) unit is read from the store once, when its shard starts streaming in a worker,
+and its stored mix plan is checked against the replayed one before any sample is used: training on
+targets that describe other images would fail silently, so it must fail loudly instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import store
+from pipeline.plan import KIND_NAMES, EpochPlan
+from pipeline.replay import ReplaySample
+from stages.common import StageError
+
+
+class StudentSample(NamedTuple):
+    """A replayed view with its unit's stored teacher targets (top-k, logsumexp, hard label)."""
+
+    epoch: int
+    index: int
+    view: torch.Tensor
+    target: torch.Tensor
+    label: int
+    t_hard: int
+    t_logits: np.ndarray
+    t_classes: np.ndarray
+    t_lse: float
+
+
+def check_plan(path: str | Path, unit: store.TrainUnit, plan: EpochPlan) -> None:
+    """Refuse a unit whose stored (partner, kind, λ) differ from the plan being replayed."""
+    bad = (unit.partner != plan.partner) | (unit.kind != plan.kind) | (unit.lam != plan.lam)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise StageError(
+            f"logit store {path}: unit (epoch {plan.epoch}, shard {plan.shard}) was written with another mix plan "
+            f"({int(bad.sum())} of {len(bad)} samples differ). First at index {plan.start + i}: stored partner "
+            f"{int(unit.partner[i])}, {KIND_NAMES[int(unit.kind[i])]}, lam {float(unit.lam[i]):.6g}; replayed partner "
+            f"{int(plan.partner[i])}, {KIND_NAMES[int(plan.kind[i])]}, lam {float(plan.lam[i]):.6g}. "
+            "Refusing to train on misaligned targets: re-run `distill teacher` for this config."
+        )
+
+
+class StoreJoin:
+    """Picklable per-unit join for ReplayDataset; opens the store lazily inside each worker."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._group = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_group": None}
+
+    def __call__(self, plan: EpochPlan) -> Callable[[ReplaySample], StudentSample]:
+        if self._group is None:
+            self._group = store.open_store(self.path)
+        unit = store.read_train_unit(self._group, plan.epoch, plan.shard)
+        check_plan(self.path, unit, plan)
+        classes = unit.topk_classes.astype(np.int64)
+        start = plan.start
+
+        def attach(s: ReplaySample) -> StudentSample:
+            r = s.index - start
+            if int(unit.label[r]) != s.label:
+                raise StageError(
+                    f"logit store {self.path}: sample {s.index} has label {int(unit.label[r])} in the store "
+                    f"but {s.label} in the shards; the store was written for other shards"
+                )
+            return StudentSample(
+                s.epoch, s.index, s.view, s.target, s.label, int(unit.hard_label[r]),
+                unit.topk_logits[r], classes[r], float(unit.logsumexp[r]),
+            )
+
+        return attach
+
+
+def steps_per_epoch(ranges: list[tuple[int, int]], units: list[tuple[int, int]], world: int, workers: int,
+                    batch_size: int) -> int:
+    """Full batches every rank can make this epoch (drop_last per worker); all ranks step this many times."""
+    nw = max(workers, 1)
+    per_rank = []
+    for r in range(world):
+        mine = units[r::world]
+        per_rank.append(sum(
+            sum(ranges[s][1] - ranges[s][0] for _, s in mine[w::nw]) // batch_size for w in range(nw)
+        ))
+    return min(per_rank)
