@@ -204,6 +204,48 @@ def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_ep
     click.echo(f"student: {out}")
 
 
+@main.command()
+@config_options
+@click.option("--student", "students", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A student output folder (repeatable; default: evaluate.students).")
+@_device_option
+@friendly
+def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
+    """Accuracy (class/dist/fused heads), disagreement and throughput of the teacher and the students.
+
+    Writes evaluate.output/{metrics.json, results.md, accuracy_vs_throughput.png} and prints the table.
+    """
+    from stages import evaluate as stage
+
+    chosen = {p.name: p for p in students} if students else None
+    stage.run(cfg, students=chosen, device=device)
+    click.echo((Path(cfg.evaluate.output) / "results.md").read_text())
+
+
+@main.command()
+@config_options
+@click.option("--top", type=int, default=20, show_default=True, help="Rows in the most-confused and suspect lists.")
+@click.option("--threshold", type=float, default=0.9, show_default=True,
+              help="Teacher probability above which a contradicted label counts as a suspect.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder (default: runs/audit beside evaluate.output).")
+@friendly
+def audit(cfg: Config, top: int, threshold: float, output: Path | None) -> None:
+    """Teacher/label disagreement from the logit store: per class, per epoch, confusions, suspects.
+
+    Writes CSV tables, audit.md, audit.png and audit.json; notebooks/audit.ipynb walks through the
+    same analysis with pandas.
+    """
+    from stages import audit as stage
+
+    result = stage.run(cfg, top=top, output=output, threshold=threshold)
+    click.echo(f"audit: {result['output']}")
+    for key in ("train_disagreement", "unmixed_disagreement", "val_disagreement", "suspects", "val_suspects"):
+        if result.get(key) is not None:
+            value = result[key]
+            click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
 @main.group("store")
 def store_group() -> None:
     """Inspect a logit store."""

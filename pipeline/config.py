@@ -178,6 +178,10 @@ class StudentConfig(Strict):
 
 class EvaluateConfig(Strict):
     batch_size: PosInt = 256
+    students: list[Path] = []
+    """Student output folders to evaluate (each named by its folder, without a 'student-' prefix)."""
+    throughput_seconds: Annotated[float, Field(gt=0.0)] = 2.0
+    """Timed inference per model for the throughput column."""
     output: Path = Path("runs/eval")
 
 

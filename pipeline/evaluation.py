@@ -34,13 +34,20 @@ def evaluate_student(model: torch.nn.Module, batches: Iterable, device: torch.de
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable, device: torch.device, heads: bool = False) -> dict:
-    """Labels and predictions for every batch (for disagreement tables); student heads when ``heads``."""
+def predict(model: torch.nn.Module, batches: Iterable, device: torch.device, head: str | None = None) -> dict:
+    """Labels and logits for every batch (for disagreement tables).
+
+    ``head`` picks a distilled student's ``cls``, ``dist`` or ``fused`` output; None for a plain model.
+    """
     model.eval()
     out: dict[str, list[torch.Tensor]] = {"index": [], "label": [], "logits": []}
     for batch in batches:
         x = batch.view.to(device)
-        logits = sum(student_heads(model, x)) / 2 if heads else model(x)
+        if head is None:
+            logits = model(x)
+        else:
+            cls, dist = student_heads(model, x)
+            logits = {"cls": cls, "dist": dist, "fused": (cls + dist) / 2}[head]
         out["index"].append(batch.index)
         out["label"].append(batch.label)
         out["logits"].append(logits.float().cpu())

@@ -175,6 +175,7 @@ def run(
     group = store.create_store(path, spec, prov)
 
     done, vdone = store.done_mask(group), store.val_done_mask(group)
+    distributed.barrier()  # every rank has read the done marks before any rank adds one
     train_units = [(e, s) for e in range(spec.epochs) for s in range(spec.n_shards) if not done[e, s]]
     val_units = [(0, s) for s in range(spec.n_val_shards) if not vdone[s]]
     mine_train = train_units[env.rank :: env.world]

@@ -106,7 +106,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
                 opt.step()
                 step += 1
                 sched.step_update(step)
-                loss_sum += float(loss) * len(x)
+                loss_sum += float(loss.detach()) * len(x)
                 seen += len(x)
                 bar.update(len(x))
                 bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}")

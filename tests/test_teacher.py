@@ -174,6 +174,38 @@ def test_store_identical_for_1_process_and_torchrun_2_ranks(base: Config, refere
     assert_same_store(reference, out)
 
 
+SLOW_RANK_1 = """
+import sys, time
+import store
+_done_mask = store.done_mask
+def _late(group):  # rank 1 reads the done marks late, as a descheduled or slow-to-start rank would
+    time.sleep(2.0)
+    return _done_mask(group)
+import os
+if os.environ.get("RANK") == "1":
+    store.done_mask = _late
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_split_the_same_units_when_one_rank_is_late(base: Config, reference: Path, tmp_path: Path):
+    """Ranks must agree on which units are left before any rank marks one done."""
+    out = tmp_path / "late.zarr"
+    cfg_yaml = write_yaml(at(base, out), tmp_path / "cfg.yaml")
+    script = tmp_path / "late_rank.py"
+    script.write_text(SLOW_RANK_1)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(free_port()),
+        str(script), "teacher", "-c", str(cfg_yaml), "--quiet", "--device", "cpu",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_same_store(reference, out)
+
+
 # ----------------------------------------------------------------------------------------- crash + resume
 
 
@@ -251,7 +283,7 @@ def test_killed_run_resumes_to_the_uninterrupted_store(killed, tmp_path: Path, c
 def test_verify_reports_full_agreement_on_fresh_store(base: Config, reference: Path, tmp_path: Path):
     cfg = at(base, reference)
     report = verify.run(cfg, samples=16, seed=1, device="cpu")
-    assert report.checked == 16
+    assert 0 < report.checked <= 16  # picks are (unit, index) draws; repeats are checked once
     assert report.agreement == 1.0
     assert report.max_abs_logit_diff < 0.05  # float16 storage of |logit| < ~32
     result = run_cli("verify", "-c", write_yaml(cfg, tmp_path / "cfg.yaml"), "--samples", "16", "--device", "cpu")
@@ -346,11 +378,6 @@ def test_missing_teacher_raises_stage_error_naming_path(base: Config, tmp_path: 
     assert not (tmp_path / "s.zarr").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/cli.py looks StageError up in the non-existent module stages.errors (it lives in "
-    "stages.common), so the CLI lets it escape as a traceback",
-)
 def test_missing_teacher_cli_gives_clean_message(base: Config, tmp_path: Path):
     missing = tmp_path / "nowhere" / "teacher.pt"
     cfg = at(derive(base, teacher={"checkpoint": None, "fit": {"output": str(missing)}}), tmp_path / "s.zarr")

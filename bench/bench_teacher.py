@@ -1,0 +1,282 @@
+"""Teacher stage throughput: does writing the logit store slow the teacher down?
+
+Builds a small dataset (Fashion-MNIST with train/val limits when present, else synthetic 28x28 IDX
+images), a randomly initialised teacher saved as a checkpoint (throughput does not depend on the
+weights) and the demo augmentation recipe, then measures on the very same replayed units, in
+alternating order within each round:
+
+  replay        iterate the DataLoader over ReplayDataset only (augmentation, mixing); views kept in memory
+  bare          teacher_forward over those in-memory batches only (pure inference)
+  loader+fwd    the stage's loop without the store: DataLoader -> teacher_forward, logits dropped
+  store only    the stage's collector (top-k + Zarr writes) fed with the cached logits
+  stage         stages.teacher.run into a fresh store (its own loop rate, and the whole call)
+
+The target (stage / loader+fwd >= 0.90) isolates the store's cost; stage / bare also pays for the
+augmentation, which bare inference does not, and is printed for honesty, not judged.
+
+    .venv/bin/python -m bench teacher
+    .venv/bin/python bench/bench_teacher.py --n 2000 --epochs 2 --rounds 3 --workers 0 1
+    .venv/bin/python bench/bench_teacher.py --no-small-stem       # a fast teacher: store cost is relatively larger
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import store  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.models import create_teacher, load_teacher, save_teacher_checkpoint  # noqa: E402
+from pipeline.replay import ReplayDataset  # noqa: E402
+from pipeline.shards import load_manifest  # noqa: E402
+from stages import ingest, teacher  # noqa: E402
+from stages.common import make_loader  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TARGET = 0.90
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, np.uint8).tobytes(), mtime=0))
+
+
+def synthetic_idx(root: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
+    """Blurry blobs on noise (compresses like photos, not like pure noise), label i % 10."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        cy, cx, r = rng.uniform(6, 22, (3, n, 1, 1))
+        img = 200 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (r / 2 + 1) ** 2)) + rng.normal(20, 8, (n, 28, 28))
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.clip(img, 0, 255).astype(np.uint8))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return root
+
+
+def build(tmp: Path, args: argparse.Namespace) -> Config:
+    if FMNIST.is_dir() and not args.synthetic:
+        root, source = FMNIST, "fashion-mnist"
+    else:
+        root, source = synthetic_idx(tmp / "idx", args.n, args.val), "synthetic"
+    demo = load_config(None).model_dump(mode="json")
+    demo["data"].update(
+        root=str(root), shards=str(tmp / "shards"), shard_size=args.shard_size,
+        train_limit=args.n, val_limit=args.val,
+    )
+    demo["teacher"].update(
+        model=args.model, small_stem=args.small_stem, epochs=args.epochs, topk=args.topk,
+        batch_size=args.batch_size, checkpoint=str(tmp / "teacher.pt"),
+    )
+    demo["store"]["path"] = str(tmp / "unused.zarr")
+    cfg = Config.model_validate(demo)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ingest.run(cfg, progress=False)
+    m = load_manifest(cfg.data.shards)
+    torch.manual_seed(0)
+    net = create_teacher(cfg.teacher.model_copy(update={"checkpoint": None}), num_classes=m.num_classes,
+                         in_chans=cfg.aug.channels)
+    save_teacher_checkpoint(net, cfg.teacher.checkpoint, {"model": args.model, "random": True})
+    print(f"data: {source}, {m.count('train')} train + {m.count('val')} val images, shards of {args.shard_size}; "
+          f"teacher {args.model}{' small-stem' if args.small_stem else ''} (random init), E={args.epochs}, "
+          f"K={args.topk}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    return cfg
+
+
+def datasets(cfg: Config) -> list[tuple[str, ReplayDataset]]:
+    """The stage's work on a fresh store: every (epoch, shard) train unit, then every val shard."""
+    m = load_manifest(cfg.data.shards)
+    n_tr, n_va = len(m.ranges("train")), len(m.ranges("val"))
+    train = [(e, s) for e in range(cfg.teacher.epochs) for s in range(n_tr)]
+    return [
+        ("train", ReplayDataset(m, cfg.aug, cfg.seed, train, split="train")),
+        ("val", ReplayDataset(m, cfg.aug, cfg.seed, [(0, s) for s in range(n_va)], split="val")),
+    ]
+
+
+class Bench:
+    def __init__(self, cfg: Config, tmp: Path) -> None:
+        self.cfg, self.tmp = cfg, tmp
+        self.manifest = load_manifest(cfg.data.shards)
+        self.model, _ = load_teacher(cfg.teacher, num_classes=self.manifest.num_classes, in_chans=cfg.aug.channels)
+        self.model.eval()
+        self.device = torch.device("cpu")
+        self.bs = cfg.teacher.batch_size
+        self.cache: list[tuple[str, list]] | None = None
+        self.logits: list[list[np.ndarray]] | None = None
+        self.n = self.manifest.count("train") * cfg.teacher.epochs + self.manifest.count("val")
+        self.count = 0
+
+    def replay(self, workers: int) -> float:
+        t0 = time.perf_counter()
+        cache = []
+        for split, ds in datasets(self.cfg):
+            cache.append((split, list(make_loader(ds, self.bs, workers))))
+        dt = time.perf_counter() - t0
+        self.cache = cache
+        assert sum(len(b.index) for _, bs in cache for b in bs) == self.n
+        return dt
+
+    def bare(self) -> float:
+        assert self.cache is not None
+        t0 = time.perf_counter()
+        logits = [[teacher.teacher_forward(self.model, b.view, self.device).numpy() for b in bs] for _, bs in self.cache]
+        dt = time.perf_counter() - t0
+        self.logits = logits
+        return dt
+
+    def loader_forward(self, workers: int) -> float:
+        t0 = time.perf_counter()
+        n = 0
+        for _, ds in datasets(self.cfg):
+            for b in make_loader(ds, self.bs, workers):
+                teacher.teacher_forward(self.model, b.view, self.device)
+                n += len(b.index)
+        dt = time.perf_counter() - t0
+        assert n == self.n
+        return dt
+
+    def _fresh(self, name: str) -> Path:
+        self.count += 1
+        return self.tmp / f"{name}-{self.count}.zarr"
+
+    def store_only(self) -> float:
+        """The stage's own collector (top-k, scatter into unit buffers, Zarr writes) on cached logits."""
+        assert self.cache is not None and self.logits is not None
+        spec = teacher.store_spec(self.cfg, self.manifest)
+        prov = {"teacher": "bench", "seed": self.cfg.seed}
+        path = self._fresh("store")
+        t0 = time.perf_counter()
+        group = store.create_store(path, spec, prov)
+        for (split, batches), logits in zip(self.cache, self.logits, strict=True):
+            col = teacher._Collector(group, self.manifest, split, spec.k)
+            for b, lg in zip(batches, logits, strict=True):
+                col.add(b.epoch.numpy(), b.index.numpy(), lg, b)
+            col.check_complete()
+        store.finalize(path)
+        dt = time.perf_counter() - t0
+        assert store.done_mask(group).all() and store.val_done_mask(group).all()
+        return dt
+
+    def stage(self, workers: int) -> tuple[float, float]:
+        """(whole run() call seconds, seconds inside the stage's unit loops: replay + forward + store)."""
+        path = self._fresh("stage")
+        cfg = self.cfg.model_copy(update={"store": self.cfg.store.model_copy(update={"path": path})})
+        inner = teacher._run_units
+        loop = [0.0]
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                loop[0] += time.perf_counter() - t
+
+        out = io.StringIO()
+        teacher._run_units = timed
+        try:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(out):
+                teacher.run(cfg, workers=workers, progress=False, device="cpu")
+            dt = time.perf_counter() - t0
+        finally:
+            teacher._run_units = inner
+        m = re.search(r"\((\d+) images, (\d+) im/s\)", out.getvalue())
+        assert m and int(m.group(1)) == self.n, out.getvalue()
+        g = store.open_store(path)
+        assert store.done_mask(g).all() and store.val_done_mask(g).all()
+        return dt, loop[0]
+
+
+def run_variant(b: Bench, workers: int, rounds: int) -> dict[str, float]:
+    names = ["replay", "bare", "loader+fwd", "store only", "stage", "stage loop"]
+    times: dict[str, list[float]] = {k: [] for k in names}
+    ratios: dict[str, list[float]] = {"stage/bare": [], "stage/(replay+bare)": [], "stage/(loader+fwd)": [],
+                                      "stage call/(loader+fwd)": []}
+    steps = ["replay_bare", "loader", "stage"]
+    for r in range(rounds):
+        order = steps if r % 2 == 0 else steps[::-1]
+        t: dict[str, float] = {}
+        for step in order:
+            if step == "replay_bare":
+                t["replay"] = b.replay(workers)
+                t["bare"] = b.bare()
+                t["store only"] = b.store_only()
+            elif step == "loader":
+                t["loader+fwd"] = b.loader_forward(workers)
+            else:
+                t["stage"], t["stage loop"] = b.stage(workers)
+        for k in names:
+            times[k].append(t[k])
+        # throughput ratios = inverse time ratios, same images in every measurement
+        ratios["stage/bare"].append(t["bare"] / t["stage loop"])
+        ratios["stage/(replay+bare)"].append((t["replay"] + t["bare"]) / t["stage loop"])
+        ratios["stage/(loader+fwd)"].append(t["loader+fwd"] / t["stage loop"])
+        ratios["stage call/(loader+fwd)"].append(t["loader+fwd"] / t["stage"])
+        print(f"  round {r + 1} ({' -> '.join(order)}): "
+              + ", ".join(f"{k} {b.n / t[k]:,.0f}" for k in names) + " im/s", flush=True)
+    print(f"workers={workers}: {b.n} images per measurement, median of {rounds} round(s)")
+    for k in names:
+        med = statistics.median(times[k])
+        print(f"  {k:<12} {b.n / med:>8,.0f} im/s   ({med:.2f} s)")
+    out = {}
+    for k, v in ratios.items():
+        med = statistics.median(v)
+        out[k] = med
+        note = ""
+        if k == "stage/(loader+fwd)":
+            note = f"   target >= {TARGET:.2f}: {'PASS' if med >= TARGET else 'FAIL'}  <- isolates the store"
+        elif k == "stage/bare":
+            note = "   (includes augmentation, which bare inference does not do)"
+        elif k == "stage call/(loader+fwd)":
+            note = "   (whole run(): + model load, checkpoint hash, store create/finalize)"
+        print(f"  {k:<24} {med:.3f}  [{', '.join(f'{x:.3f}' for x in v)}]{note}")
+    store_share = statistics.median(times["store only"]) / statistics.median(times["stage loop"])
+    print(f"  store only / stage loop time: {store_share:.3f} (the collector + Zarr writes, measured alone)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=512, help="train images (default 512)")
+    ap.add_argument("--val", type=int, default=128, help="val images (default 128)")
+    ap.add_argument("--epochs", type=int, default=1, help="E, stored epochs (default 1)")
+    ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--shard-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--synthetic", action="store_true", help="synthetic images even if Fashion-MNIST is present")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
+        cfg = build(Path(tmp), args)
+        b = Bench(cfg, Path(tmp))
+        b.replay(0)  # warm-up: imports, first-call allocations, page cache
+        b.bare()
+        results = {w: run_variant(b, w, args.rounds) for w in args.workers}
+    print("summary: " + "; ".join(
+        f"workers={w}: stage/(loader+fwd) {r['stage/(loader+fwd)']:.3f}, stage/bare {r['stage/bare']:.3f}"
+        for w, r in results.items()
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""``distill evaluate``: the paper's tables for the teacher and each student on the val split.
+
+Accuracy of every head (class, distillation, fused; top-1 and top-5), pairwise disagreement between
+ground truth, teacher and students (as in DeiT's Table 4) and inference throughput (Table 5). Writes
+``metrics.json`` (DVC metrics), ``results.md`` and ``accuracy_vs_throughput.png`` (DVC plots).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.config import Config, StudentConfig  # noqa: E402
+from pipeline.evaluation import evaluate_student, predict, throughput  # noqa: E402
+from pipeline.models import create_student, load_teacher  # noqa: E402
+from pipeline.replay import ReplayDataset  # noqa: E402
+from pipeline.shards import load_manifest  # noqa: E402
+from stages.common import StageError, make_loader  # noqa: E402
+from stages.student import CHECKPOINT  # noqa: E402
+from stages.teacher import resolve_teacher  # noqa: E402
+
+
+def load_student(folder: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained student from its checkpoint (architecture recorded inside)."""
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        raise StageError(f"no student checkpoint at {path}; run `distill student` for it first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    sc = StudentConfig.model_validate(ckpt["student"])
+    model = create_student(sc, num_classes=ckpt["num_classes"], img_size=ckpt["img_size"], in_chans=ckpt["in_chans"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), {"distillation": sc.distillation, "token": sc.token, "epochs": ckpt["epoch"] + 1}
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) and v <= 1.0 else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plot(models: dict[str, dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in models.items():
+        ax.scatter(m["throughput_im_per_s"], m["top1"] * 100, s=40)
+        ax.annotate(name, (m["throughput_im_per_s"], m["top1"] * 100), textcoords="offset points", xytext=(5, 3))
+    ax.set_xlabel("inference throughput (images/s)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("Accuracy against throughput")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "auto") -> dict[str, Any]:
+    """Evaluate the teacher and every student; ``students`` maps a name to a student output folder."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    students = students if students is not None else {p.name.removeprefix("student-"): p for p in cfg.evaluate.students}
+    manifest = load_manifest(cfg.data.shards)
+    val = ReplayDataset(manifest, cfg.aug, cfg.seed, [(0, s) for s in range(len(manifest.ranges("val")))],
+                        split="val")
+    example = next(iter(make_loader(val, cfg.evaluate.batch_size, 0))).view
+
+    tcfg = resolve_teacher(cfg)
+    teacher, _ = load_teacher(tcfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
+    teacher.to(dev)
+    t_pred = predict(teacher, make_loader(val, cfg.evaluate.batch_size, 0), dev)
+    label = t_pred["label"]
+    preds: dict[str, torch.Tensor] = {"ground truth": label, "teacher": t_pred["logits"].argmax(1)}
+    models: dict[str, dict[str, Any]] = {
+        "teacher": {
+            "model": cfg.teacher.model,
+            "top1": float((preds["teacher"] == label).float().mean()),
+            "top5": float((t_pred["logits"].topk(min(5, manifest.num_classes), 1).indices == label[:, None])
+                          .any(1).float().mean()),
+            "throughput_im_per_s": throughput(teacher, example, dev, cfg.evaluate.throughput_seconds),
+        }
+    }
+    for name, folder in students.items():
+        model, info = load_student(folder, dev)
+        acc = evaluate_student(model, make_loader(val, cfg.evaluate.batch_size, 0), dev)
+        # A student trained without distillation never trains its distillation head: report its class head.
+        head = "cls" if info["distillation"] == "none" or info["token"] == "class" else "fused"
+        p = predict(model, make_loader(val, cfg.evaluate.batch_size, 0), dev, head=head)
+        if not torch.equal(p["label"], label):
+            raise StageError("val order differs between teacher and student passes")
+        preds[name] = p["logits"].argmax(1)
+        models[name] = {
+            **info, "head": head, "top1": acc[f"{head}_top1"], "top5": acc[f"{head}_top5"],
+            **{k: v for k, v in acc.items()},
+            "throughput_im_per_s": throughput(model, example, dev, cfg.evaluate.throughput_seconds),
+        }
+
+    names = list(preds)
+    disagreement = {a: {b: float((preds[a] != preds[b]).float().mean()) for b in names} for a in names}
+    out = Path(cfg.evaluate.output)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"val_samples": len(label), "models": models, "disagreement": disagreement}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    _plot(models, out / "accuracy_vs_throughput.png")
+
+    acc_rows = []
+    for name, m in models.items():
+        if name == "teacher":
+            acc_rows.append([name, m["model"], m["top1"], m["top5"], "-", "-", "-", m["throughput_im_per_s"]])
+        else:
+            acc_rows.append([name, f"{m['distillation']} ({m['token']} token)", m["top1"], m["top5"],
+                             m["cls_top1"], m["dist_top1"], m["fused_top1"], m["throughput_im_per_s"]])
+    text = [
+        f"# Results on val ({len(label)} images)", "",
+        _md_table(["model", "distillation", "top-1", "top-5", "class head", "dist head", "fused", "im/s"], acc_rows),
+        "", "Top-1 is the fused head for distilled students and the class head otherwise.", "",
+        "## Disagreement (fraction of val images where two models' top-1 differ; paper Table 4)", "",
+        _md_table(["", *names], [[a, *[disagreement[a][b] for b in names]] for a in names]), "",
+    ]
+    (out / "results.md").write_text("\n".join(text))
+    return metrics
