@@ -47,6 +47,8 @@ class DataConfig(Strict):
     train_limit: PosInt | None = None
     """Keep only the first N train samples after the seeded shuffle (a reproducible subset)."""
     val_limit: PosInt | None = None
+    train_shards: PosInt | None = None
+    """Teacher and student use only the first N train shards (a reproducible subset of the full ingest)."""
     allow_corrupt: bool = False
     """Skip unreadable images (counted and listed in the manifest) instead of stopping."""
 
@@ -119,6 +121,9 @@ class TeacherFitConfig(Strict):
     """Base SGD learning rate for a batch of 256 (scaled linearly)."""
     weight_decay: NonNegFloat = 5e-4
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    aug: dict[str, Any] = {}
+    """Changes to the ``aug`` section for fitting only (e.g. ``{mix_prob: 0}``): a teacher is trained with
+    its own recipe, as DeiT's pretrained RegNet was, and then labels the student's DeiT views."""
     output: Path = Path("data/teacher.pt")
 
 
@@ -193,6 +198,21 @@ class Config(Strict):
     store: StoreConfig = StoreConfig()
     student: StudentConfig = StudentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _fit_aug(self) -> Config:
+        self.fit_aug()
+        return self
+
+    def fit_aug(self) -> AugConfig:
+        """The augmentation teacher-fit trains with: ``aug`` with ``teacher.fit.aug`` applied."""
+        try:
+            return AugConfig.model_validate({**self.aug.model_dump(), **self.teacher.fit.aug})
+        except ValidationError as e:
+            errors = "; ".join(
+                f"teacher.fit.aug.{'.'.join(str(p) for p in err['loc']) or '(aug)'}: {err['msg']}" for err in e.errors()
+            )
+            raise ValueError(errors) from None
 
     def section_hash(self, *names: str) -> str:
         """Stable sha256 over the named sections (all when none), for provenance."""

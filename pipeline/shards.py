@@ -26,7 +26,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,16 @@ class Manifest:
         body["fingerprint"] = self.fingerprint
         return body
 
+    def first_train_shards(self, n: int) -> Manifest:
+        """The same dataset with only its first ``n`` train shards (a subset with its own fingerprint)."""
+        train = self.split("train")
+        if n >= len(train.shards):
+            return self
+        kept = train.shards[:n]
+        splits = {**self.splits, "train": SplitInfo(sum(s.count for s in kept), kept, train.skipped)}
+        fp = hashlib.sha256(f"{self.fingerprint}:train_shards={n}".encode()).hexdigest()
+        return replace(self, splits=splits, fingerprint=fp)
+
 
 def _body(m: Manifest) -> dict[str, Any]:
     return {
@@ -238,6 +248,12 @@ def _check_consistent(m: Manifest, where: Path) -> None:
             pos = s.end
         if pos != sp.count:
             raise ShardError(f"{where}: {name} shards cover {pos} samples but count is {sp.count}")
+
+
+def open_shards(config: Config) -> Manifest:
+    """The manifest a run works on: ``data.shards``, cut to ``data.train_shards`` when set."""
+    m = load_manifest(config.data.shards)
+    return m.first_train_shards(config.data.train_shards) if config.data.train_shards else m
 
 
 def load_manifest(shards_dir: Path | str) -> Manifest:

@@ -27,7 +27,7 @@ import pandas as pd
 
 import store
 from pipeline.config import Config
-from pipeline.shards import ShardError, load_manifest, sample_key, shard_name
+from pipeline.shards import ShardError, open_shards, sample_key, shard_name
 
 __all__ = [
     "AuditTables",
@@ -529,7 +529,7 @@ def _manifest_info(cfg: Config) -> tuple[list[str] | None, list[str] | None, lis
     A missing manifest is not fatal (the store alone holds the figures): names fall back to class ids.
     """
     try:
-        m = load_manifest(cfg.data.shards)
+        m = open_shards(cfg)
     except ShardError:
         return None, None, None, {}
     return (

@@ -21,7 +21,7 @@ from pipeline.config import Config, StudentConfig  # noqa: E402
 from pipeline.evaluation import evaluate_student, predict, throughput  # noqa: E402
 from pipeline.models import create_student, load_teacher  # noqa: E402
 from pipeline.replay import ReplayDataset  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
+from pipeline.shards import open_shards  # noqa: E402
 from stages.common import StageError, make_loader  # noqa: E402
 from stages.student import CHECKPOINT  # noqa: E402
 from stages.teacher import resolve_teacher  # noqa: E402
@@ -67,7 +67,7 @@ def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     students = students if students is not None else {p.name.removeprefix("student-"): p for p in cfg.evaluate.students}
-    manifest = load_manifest(cfg.data.shards)
+    manifest = open_shards(cfg)
     val = ReplayDataset(manifest, cfg.aug, cfg.seed, [(0, s) for s in range(len(manifest.ranges("val")))],
                         split="val")
     example = next(iter(make_loader(val, cfg.evaluate.batch_size, 0))).view

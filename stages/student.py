@@ -33,7 +33,7 @@ from pipeline.losses import distillation_loss, teacher_targets_from_logits, teac
 from pipeline.models import create_student, file_sha256, load_teacher
 from pipeline.replay import ReplayDataset
 from pipeline.rng import TAG_SHUFFLE, derive_seed
-from pipeline.shards import Manifest, load_manifest
+from pipeline.shards import Manifest, open_shards
 from stages.common import StageError, make_loader, store_provenance
 from stages.student_data import StoreJoin, steps_per_epoch
 from stages.teacher import resolve_teacher, teacher_forward
@@ -104,7 +104,7 @@ def run(
     sc = cfg.student
     mode = teacher_mode or sc.teacher_mode
     workers = sc.workers if workers is None else workers
-    manifest = load_manifest(cfg.data.shards)
+    manifest = open_shards(cfg)
     num_classes = manifest.num_classes
     out = Path(sc.output)
     kind = sc.distillation

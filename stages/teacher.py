@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from pipeline import distributed
 from pipeline.config import Config
 from pipeline.models import load_teacher
 from pipeline.replay import ReplayDataset
-from pipeline.shards import Manifest, load_manifest
+from pipeline.shards import Manifest, open_shards
 from stages.common import StageError, make_loader, store_provenance
 
 
@@ -52,23 +52,25 @@ def teacher_forward(model: torch.nn.Module, x: torch.Tensor, device: torch.devic
 
 @dataclass
 class _UnitBuffer:
+    """Full teacher logits and replayed plan of one unit, filled as its samples arrive in any order."""
+
     start: int
-    n: int
     logits: np.ndarray
     label: np.ndarray
     partner: np.ndarray
     lam: np.ndarray
     kind: np.ndarray
-    filled: int = 0
-    seen: np.ndarray = field(default=None)  # type: ignore[assignment]
+    seen: np.ndarray
 
     @classmethod
     def new(cls, start: int, end: int, num_classes: int) -> _UnitBuffer:
         n = end - start
-        return cls(
-            start, n, np.zeros((n, num_classes), np.float32), np.zeros(n, np.int64),
-            np.zeros(n, np.int64), np.ones(n, np.float32), np.zeros(n, np.uint8), 0, np.zeros(n, bool),
-        )
+        return cls(start, np.zeros((n, num_classes), np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                   np.ones(n, np.float32), np.zeros(n, np.uint8), np.zeros(n, bool))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.seen.all())
 
 
 class _Collector:
@@ -98,8 +100,7 @@ class _Collector:
             buf.partner[local] = batch.partner.numpy()[rows]
             buf.lam[local] = batch.lam.numpy()[rows]
             buf.kind[local] = batch.kind.numpy()[rows]
-            buf.filled += len(rows)
-            if buf.filled == buf.n:
+            if buf.complete:
                 self._write(e, s, self.open.pop((e, s)))
 
     def _write(self, epoch: int, shard: int, buf: _UnitBuffer) -> None:
@@ -160,7 +161,7 @@ def run(
     env = distributed.setup(device)
     workers = cfg.teacher.workers if workers is None else workers
     batch_size = batch_size or cfg.teacher.batch_size
-    manifest = load_manifest(cfg.data.shards)
+    manifest = open_shards(cfg)
     cfg = resolve_teacher(cfg)
     model, sha = load_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     model.to(env.device).eval()

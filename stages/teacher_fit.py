@@ -20,7 +20,7 @@ from pipeline.config import Config, canonical_hash
 from pipeline.losses import soft_target_cross_entropy
 from pipeline.models import create_teacher, save_teacher_checkpoint
 from pipeline.replay import ReplayDataset
-from pipeline.shards import Manifest, load_manifest
+from pipeline.shards import Manifest, open_shards
 from stages.common import StageError, make_loader
 
 FIT_EPOCH_BASE = 1_000_000
@@ -34,7 +34,7 @@ def fit_hash(cfg: Config, manifest: Manifest) -> str:
             "model": t.model,
             "small_stem": t.small_stem,
             "fit": t.fit.model_dump(mode="json", exclude={"output"}),
-            "aug": cfg.aug.model_dump(mode="json"),
+            "aug": cfg.fit_aug().model_dump(mode="json"),
             "seed": cfg.seed,
             "manifest": manifest.fingerprint,
         }
@@ -69,7 +69,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     if env.world > 1:
         raise StageError("teacher-fit runs in one process; start it without torchrun")
     fit = cfg.teacher.fit
-    manifest = load_manifest(cfg.data.shards)
+    manifest = open_shards(cfg)
     out = Path(fit.output)
     h = fit_hash(cfg, manifest)
     if not force and out.is_file() and _existing_hash(out) == h:
@@ -88,6 +88,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
         warmup_t=fit.warmup_epochs * steps_per_epoch, warmup_lr_init=lr * 0.01, t_in_epochs=False,
     )
     shards = range(len(manifest.ranges("train")))
+    fit_aug = cfg.fit_aug()
     history = []
     t0 = time.perf_counter()
     step = 0
@@ -96,7 +97,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
         for epoch in range(fit.epochs):
             model.train()
             units = [(FIT_EPOCH_BASE + epoch, s) for s in shards]
-            ds = ReplayDataset(manifest, cfg.aug, cfg.seed, units, shuffle=min(4096, n_train))
+            ds = ReplayDataset(manifest, fit_aug, cfg.seed, units, shuffle=min(4096, n_train))
             loss_sum = seen = 0.0
             for batch in make_loader(ds, fit.batch_size, cfg.teacher.workers):
                 x, y = batch.view.to(env.device), batch.target.to(env.device)

@@ -18,7 +18,7 @@ from pipeline.config import Config
 from pipeline.models import load_teacher
 from pipeline.plan import epoch_plan
 from pipeline.replay import read_shard, replay_indices
-from pipeline.shards import load_manifest
+from pipeline.shards import open_shards
 from stages.common import store_provenance
 from stages.teacher import resolve_teacher, teacher_forward
 
@@ -38,7 +38,7 @@ def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto") 
     """Re-run the teacher on ``samples`` random stored (epoch, index) pairs; compare with the store."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    manifest = load_manifest(cfg.data.shards)
+    manifest = open_shards(cfg)
     cfg = resolve_teacher(cfg)
     model, sha = load_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     model.to(dev).eval()

@@ -1,0 +1,45 @@
+"""The ``distill`` command line: help that explains, clean errors, config overrides."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+STAGES = ("ingest", "teacher-fit", "teacher", "verify", "student", "evaluate", "audit", "store")
+
+
+def test_help_lists_every_stage():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for name in STAGES:
+        assert name in result.output
+
+
+def test_each_command_has_help():
+    for name in STAGES:
+        result = CliRunner().invoke(main, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Usage:" in result.output
+
+
+def test_bad_config_value_is_a_clean_error_naming_the_key():
+    result = CliRunner().invoke(main, ["ingest", "--set", "data.shard_size=-3"])
+    assert result.exit_code == 1
+    assert "data.shard_size" in result.output and "-3" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_input_is_a_clean_error_naming_the_path(tmp_path):
+    result = CliRunner().invoke(
+        main, ["ingest", "--set", f"data.root={tmp_path / 'absent'}", "--set", f"data.shards={tmp_path / 's'}"]
+    )
+    assert result.exit_code == 1
+    assert str(tmp_path / "absent") in result.output
+    assert "Traceback" not in result.output
+
+
+def test_store_describe_of_a_missing_store_is_a_clean_error(tmp_path):
+    result = CliRunner().invoke(main, ["store", "describe", str(tmp_path / "none.zarr")])
+    assert result.exit_code == 1
+    assert "none.zarr" in result.output

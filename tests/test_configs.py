@@ -1,0 +1,64 @@
+"""The shipped configs validate, and the paper recipe builds both of its models (without weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.models import create_student, create_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_config_is_the_default_and_validates():
+    cfg = load_config()
+    assert DEFAULT_CONFIG == ROOT / "configs" / "demo.yaml"
+    assert cfg.data.source == "idx" and cfg.aug.channels == 1
+
+
+def test_imagenet_config_is_the_paper_recipe_and_builds_both_models():
+    cfg = load_config(ROOT / "configs" / "imagenet.yaml")
+    assert (cfg.teacher.model, cfg.student.model) == ("regnety_160", "deit_small_distilled_patch16_224")
+    assert (cfg.student.epochs, cfg.student.batch_size * 8, cfg.student.distillation) == (300, 1024, "hard")
+    assert (cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.reprob, cfg.student.drop_path) == (0.8, 1.0, 0.25, 0.1)
+    assert cfg.aug.auto_augment.startswith("rand-m9")
+    student = create_student(cfg.student, num_classes=1000, img_size=224, in_chans=3)
+    assert type(student).__name__ == "VisionTransformerDistilled"
+    teacher = create_teacher(cfg.teacher.model_copy(update={"pretrained": False}), num_classes=1000, in_chans=3)
+    assert sum(p.numel() for p in teacher.parameters()) > 80_000_000
+
+
+def test_section_hash_is_stable_and_section_specific():
+    a = load_config()
+    b = load_config(overrides=["student.epochs=3"])
+    assert a.section_hash("aug") == b.section_hash("aug")
+    assert a.section_hash("student") != b.section_hash("student")
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("aug.bogus=1", "aug.bogus: unknown key"),
+        ("teacher.topk=0", "teacher.topk"),
+        ("aug.scale=[0.9, 0.1]", "aug.scale"),
+        ("student.distillation=medium", "student.distillation"),
+        ("aug.mean=[0.1, 0.2]", "aug.mean needs 1 value"),
+    ],
+)
+def test_bad_values_name_the_key_and_value(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert needle in str(err.value)
+    assert "demo.yaml" in str(err.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_override_is_explained():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(overrides=["student.epochs"])
