@@ -1,0 +1,198 @@
+"""Student stage throughput: does reading the teacher's targets from the logit store cost anything?
+
+Builds a small dataset (Fashion-MNIST with train/val limits when present, else synthetic 28x28 IDX
+images) and the demo recipe (DeiT-style augmentation with Mixup/CutMix, DeiT 6x128 patch 7 student,
+ResNet-18 small-stem teacher). The teacher is randomly initialised and saved as a checkpoint
+(throughput does not depend on its weights); the teacher stage runs once to fill the store. Then
+``stages.student.run`` trains from scratch, in alternating order within each round, as:
+
+  none      no distillation (the replayed views and true targets only)
+  offline   hard distillation, targets joined from the logit store (the project's way)
+  online    hard distillation, the teacher run inside every step (the official DeiT way)
+
+Training images/s is the stage's own per-epoch figure (history.csv ``im_per_s``: the training loop
+only, val evaluation excluded), averaged over a run's epochs; the table gives each round and the
+median. Targets: offline / none >= 0.95 (the store join is nearly free); offline / online is the
+speed-up over running the teacher in the step. A last measurement times the input stream alone (replay vs
+replay + store join + target tensors, no model): the join's cost in microseconds per image, which the
+shared machine's noise hardly touches. Ratios are also given per round (the three modes of a
+round run back to back, so a change in the machine's load hits them alike).
+
+    .venv/bin/python -m bench student
+    .venv/bin/python bench/bench_student.py --n 2000 --stored-epochs 2 --epochs 3 --rounds 3
+    .venv/bin/python bench/bench_student.py --threads 0          # torch's own thread count
+    .venv/bin/python bench/bench_student.py --depth 2 --synthetic      # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gzip
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.losses import teacher_targets_from_store  # noqa: E402
+from pipeline.models import create_teacher, save_teacher_checkpoint  # noqa: E402
+from pipeline.replay import ReplayDataset  # noqa: E402
+from pipeline.shards import load_manifest  # noqa: E402
+from stages import ingest, teacher  # noqa: E402
+from stages import student as student_stage  # noqa: E402
+from stages.student_data import StoreJoin  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TARGET = 0.95
+MODES = (("none", "none", "offline"), ("offline", "hard", "offline"), ("online", "hard", "online"))
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, np.uint8).tobytes(), mtime=0))
+
+
+def synthetic_idx(root: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
+    """Blurry blobs on noise, label i % 10 (throughput does not depend on what the images show)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        cy, cx, r = rng.uniform(6, 22, (3, n, 1, 1))
+        img = 200 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (r / 2 + 1) ** 2)) + rng.normal(20, 8, (n, 28, 28))
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.clip(img, 0, 255).astype(np.uint8))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return root
+
+
+def build(tmp: Path, args: argparse.Namespace) -> Config:
+    """Shards, a random teacher checkpoint and a full logit store for the demo recipe, cut to size."""
+    if FMNIST.is_dir() and not args.synthetic:
+        root, source = FMNIST, "fashion-mnist"
+    else:
+        root, source = synthetic_idx(tmp / "idx", args.n, args.val), "synthetic"
+    raw = load_config(None).model_dump(mode="json")
+    raw["data"].update(root=str(root), shards=str(tmp / "shards"), shard_size=args.shard_size,
+                       train_limit=args.n, val_limit=args.val)
+    raw["teacher"].update(model=args.teacher, small_stem=True, epochs=args.stored_epochs, topk=args.topk,
+                          checkpoint=str(tmp / "teacher.pt"))
+    raw["store"]["path"] = str(tmp / "logits.zarr")
+    raw["student"].update(depth=args.depth, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
+                          warmup_epochs=0, eval_every=10**6, output=str(tmp / "runs" / "unused"))
+    raw["evaluate"]["batch_size"] = 256
+    cfg = Config.model_validate(raw)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ingest.run(cfg, progress=False)
+    m = load_manifest(cfg.data.shards)
+    torch.manual_seed(0)
+    net = create_teacher(cfg.teacher.model_copy(update={"checkpoint": None}), num_classes=m.num_classes,
+                         in_chans=cfg.aug.channels)
+    save_teacher_checkpoint(net, cfg.teacher.checkpoint, {"model": args.teacher, "random": True})
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        teacher.run(cfg, progress=False, device="cpu")
+    sc = cfg.student
+    print(f"data: {source}, {m.count('train')} train + {m.count('val')} val images, shards of {args.shard_size}; "
+          f"store: {args.teacher} small-stem (random init), E={args.stored_epochs}, K={args.topk}, filled in "
+          f"{time.perf_counter() - t0:.1f} s")
+    print(f"student: DeiT {sc.depth}x{sc.embed_dim} patch {sc.patch_size}, batch {sc.batch_size}, "
+          f"{sc.epochs} epoch(s) a run, workers {sc.workers}, torch threads {torch.get_num_threads()}")
+    return cfg
+
+
+def train_rate(cfg: Config, out: Path, kind: str, mode: str) -> float:
+    """Mean of the run's per-epoch training images/s (history.csv, evaluation excluded)."""
+    run_cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"distillation": kind, "output": out})})
+    with contextlib.redirect_stdout(io.StringIO()):
+        student_stage.run(run_cfg, progress=False, device="cpu", teacher_mode=mode)
+    with open(out / "history.csv", newline="") as f:
+        rates = [float(r["im_per_s"]) for r in csv.DictReader(f)]
+    assert len(rates) == cfg.student.epochs, rates
+    return float(np.mean(rates))
+
+
+def loader_us_per_image(cfg: Config, offline: bool) -> float:
+    """One epoch of the student's input stream alone (no model): replay, plus the store join when offline."""
+    m = load_manifest(cfg.data.shards)
+    sc = cfg.student
+    units = student_stage._epoch_units(cfg, len(m.ranges("train")), 0)
+    ds = ReplayDataset(m, cfg.aug, cfg.seed, units, shuffle=sc.shuffle, order_epoch=0,
+                       join=StoreJoin(cfg.store.path) if offline else None)
+    n, t0 = 0, time.perf_counter()
+    for b in DataLoader(ds, batch_size=sc.batch_size, num_workers=sc.workers, drop_last=True):
+        if offline:
+            teacher_targets_from_store(b.t_logits, b.t_classes, b.t_lse, b.t_hard, m.num_classes, sc.tau, False)
+        n += len(b.view)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1024, help="train images (default 1024)")
+    ap.add_argument("--val", type=int, default=128, help="val images (default 128)")
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=1, help="student epochs a run (default 1)")
+    ap.add_argument("--stored-epochs", type=int, default=1, help="E, epochs in the store (default 1)")
+    ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--depth", type=int, default=6, help="student depth (default 6, as configs/demo.yaml)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=0, help="student DataLoader workers (default 0)")
+    ap.add_argument("--teacher", default="resnet18")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads collapse whenever "
+                         "another process runs; 0 = torch's choice)")
+    ap.add_argument("--synthetic", action="store_true", help="synthetic images even if Fashion-MNIST is present")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in MODES}
+    with tempfile.TemporaryDirectory(prefix="bench-student-") as tmp:
+        cfg = build(Path(tmp), args)
+        for r in range(args.rounds):
+            order = MODES if r % 2 == 0 else MODES[::-1]  # alternate, so drift in load hits every mode alike
+            for name, kind, mode in order:
+                rates[name].append(train_rate(cfg, Path(tmp) / "runs" / f"{name}-{r}", kind, mode))
+        # The store's own cost, without the model's noise: the input stream alone, alternated.
+        stream = {"none": [], "offline": []}
+        for r in range(args.rounds):
+            for name in ("none", "offline") if r % 2 == 0 else ("offline", "none"):
+                stream[name].append(loader_us_per_image(cfg, name == "offline"))
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    w = max(len(k) for k in rates)
+    rounds = "  ".join(f"round {r + 1:>2}" for r in range(args.rounds))
+    print(f"\n{'mode':<{w}}  {rounds}    median  (train im/s)")
+    for k, v in rates.items():
+        print(f"{k:<{w}}  " + "  ".join(f"{x:8.1f}" for x in v) + f"  {med[k]:8.1f}")
+    ratio, speed = med["offline"] / med["none"], med["offline"] / med["online"]
+    rr = [o / n for o, n in zip(rates["offline"], rates["none"], strict=True)]
+    rs = [o / n for o, n in zip(rates["offline"], rates["online"], strict=True)]
+    print(f"\noffline / none   = {ratio:.3f} (per round {', '.join(f'{x:.3f}' for x in rr)}, median "
+          f"{statistics.median(rr):.3f}; target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'})")
+    print(f"offline / online = {speed:.2f}x (per round {', '.join(f'{x:.2f}' for x in rs)}, median "
+          f"{statistics.median(rs):.2f}x; the speed-up from not running the teacher in the step)")
+    sn, so = statistics.median(stream["none"]), statistics.median(stream["offline"])
+    step_us = 1e6 / med["none"]
+    print(f"input stream alone: {sn:.0f} us/image replay, {so:.0f} us/image replay + store join; the join adds "
+          f"{so - sn:.0f} us/image = {(so - sn) / step_us:.1%} of a training step without distillation "
+          f"({step_us:.0f} us/image), i.e. offline / none ~ {step_us / (step_us + so - sn):.3f} on a quiet machine")
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
