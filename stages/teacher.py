@@ -200,6 +200,9 @@ def run(
     distributed.barrier()
     if env.is_main:
         store.finalize(path)
+        left = int((~store.done_mask(group)).sum() + (~store.val_done_mask(group)).sum())
+        if left:
+            raise StageError(f"{path}: {left} unit(s) not done after the run; re-run `distill teacher`")
         rate = total / elapsed if elapsed > 0 else 0.0
         print(f"teacher: wrote {len(mine_train)} train + {len(mine_val)} val unit(s) on rank 0 "
               f"({total} images, {rate:.0f} im/s) -> {path}")

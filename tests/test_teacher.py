@@ -115,6 +115,16 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against other processes
+    and a tiny forward pass gets 10x slower. (torchrun ranks run with OMP_NUM_THREADS=1 as well.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Config:
     """Ingested tiny dataset + a random teacher checkpoint; E=2, K=5, store path unset (per test)."""
@@ -225,7 +235,8 @@ def killed(base: Config, tmp_path_factory) -> tuple[Config, Path, Path, np.ndarr
     cfg_yaml = write_yaml(at(cfg, path), tmp / "cfg.yaml")
     cmd = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", str(cfg_yaml), "--quiet",
            "--batch-size", "1", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     total = 4 * (N_TRAIN // 5)
     done = None
     deadline = time.monotonic() + 120
