@@ -112,7 +112,8 @@ def ingest(cfg: Config, quiet: bool) -> None:
 
 def _device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--device", default="auto", show_default=True, help="auto (CUDA when available), cpu or cuda."
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        help="auto: CUDA when available."
     )(fn)
 
 
@@ -134,8 +135,10 @@ def teacher_fit(cfg: Config, force: bool, quiet: bool, device: str) -> None:
 
 @main.command()
 @config_options
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: teacher.workers).")
-@click.option("--batch-size", type=int, default=None, help="Inference batch (default: teacher.batch_size).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader workers (default: teacher.workers).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Inference batch (default: teacher.batch_size).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_device_option
 @friendly
@@ -154,11 +157,12 @@ def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: boo
 
 @main.command()
 @config_options
-@click.option("--samples", type=int, default=64, show_default=True, help="Random (epoch, index) pairs to check.")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Random (epoch, index) pairs to check.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the pairs.")
 @click.option(
-    "--min-agreement", type=float, default=1.0, show_default=True,
-    help="Exit non-zero when hard-label agreement is below this fraction.",
+    "--min-agreement", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
+    help="Exit non-zero when hard-label agreement is below this fraction (bf16 on CUDA may flip near-ties).",
 )
 @_device_option
 @friendly
@@ -183,13 +187,16 @@ def verify(cfg: Config, samples: int, seed: int, min_agreement: float, device: s
 @click.option("--teacher", "teacher_mode", type=click.Choice(["offline", "online"]), default=None,
               help="offline: targets from the logit store (default, student.teacher_mode); online: run the "
                    "teacher inside every step, as the official DeiT code does.")
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: student.workers).")
-@click.option("--until-epoch", type=int, default=None, help="Stop after this many epochs (resumable).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader workers (default: student.workers).")
+@click.option("--until-epoch", type=click.IntRange(min=1), default=None,
+              help="Stop after this many epochs (resumable).")
+@click.option("--restart", is_flag=True, help="Discard a checkpoint from another configuration instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_device_option
 @friendly
-def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_epoch: int | None, quiet: bool,
-            device: str) -> None:
+def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_epoch: int | None, restart: bool,
+            quiet: bool, device: str) -> None:
     """Train the DeiT student from the shards joined with the logit store.
 
     \b
@@ -200,7 +207,7 @@ def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_ep
     from stages import student as stage
 
     out = stage.run(cfg, progress=not quiet, device=device, workers=workers, teacher_mode=teacher_mode,
-                    until_epoch=until_epoch)
+                    until_epoch=until_epoch, restart=restart)
     click.echo(f"student: {out}")
 
 
@@ -217,7 +224,7 @@ def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
     """
     from stages import evaluate as stage
 
-    chosen = {p.name: p for p in students} if students else None
+    chosen = {p.name.removeprefix("student-"): p for p in students} if students else None
     stage.run(cfg, students=chosen, device=device)
     click.echo((Path(cfg.evaluate.output) / "results.md").read_text())
 

@@ -107,9 +107,18 @@ class AugConfig(Strict):
                 )
         return self
 
-    @property
-    def mixing(self) -> bool:
-        return self.mix_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+    @model_validator(mode="after")
+    def _auto_augment(self) -> AugConfig:
+        if self.auto_augment:
+            from timm.data.transforms_factory import transforms_imagenet_train
+
+            try:
+                transforms_imagenet_train(img_size=self.img_size, auto_augment=self.auto_augment)
+            except Exception as e:
+                raise ValueError(
+                    f"aug.auto_augment {self.auto_augment!r} is not a timm augmentation string: {e}"
+                ) from None
+        return self
 
 
 class TeacherFitConfig(Strict):
@@ -145,6 +154,13 @@ class StoreConfig(Strict):
     path: Path = Path("data/logits.zarr")
     codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = "zstd"
     level: Annotated[int, Field(ge=0, le=22)] = 3
+    """zstd: 0 to 22; gzip and blosc-lz4: 0 to 9."""
+
+    @model_validator(mode="after")
+    def _level(self) -> StoreConfig:
+        if self.codec in ("gzip", "blosc-lz4") and self.level > 9:
+            raise ValueError(f"store.level {self.level} is out of range for {self.codec} (0 to 9)")
+        return self
 
 
 class StudentConfig(Strict):

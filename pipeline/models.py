@@ -232,6 +232,12 @@ def create_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> nn
                 "`distill teacher-fit` and set teacher.pretrained: false"
             ) from e
         if cfg.small_stem:
+            if isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
+                raise ModelError(
+                    f"teacher.small_stem with teacher.pretrained: {cfg.model!r} would get a new, randomly "
+                    "initialised stem conv on top of its pretrained weights; fine-tune it with `distill teacher-fit` "
+                    "(pretrained: false) or use teacher.small_stem: false"
+                )
             _small_stem(model, cfg.model)
         return model
 
@@ -290,5 +296,9 @@ def load_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> tupl
         )
     model = create_teacher(cfg, num_classes=num_classes, in_chans=in_chans)
     model.eval()
-    ident = file_sha256(cfg.checkpoint) if cfg.checkpoint is not None else f"pretrained:{cfg.model}"
-    return model, ident
+    return model, teacher_identity(cfg)
+
+
+def teacher_identity(cfg: TeacherConfig) -> str:
+    """What identifies the teacher's weights in provenance: the checkpoint's sha256, or the hub name."""
+    return file_sha256(cfg.checkpoint) if cfg.checkpoint is not None else f"pretrained:{cfg.model}"

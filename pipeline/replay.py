@@ -214,12 +214,16 @@ def replay_indices(
     :func:`replay_unit`: only those samples and their partners are decoded and augmented."""
     start = plan.start
     wanted = {int(i) for i in indices}
+    outside = [i for i in wanted if not 0 <= i - start < len(plan)]
+    if outside:
+        raise ReplayError(f"indices {sorted(outside)[:5]} are not in unit (epoch {plan.epoch}, shard {plan.shard})")
     needed = wanted | {int(plan.partner[i - start]) for i in wanted}
     base: dict[int, torch.Tensor] = {}
     for raw in samples:
+        if int(bytes(raw.get("idx", b"-1")).decode("ascii")) not in needed:
+            continue
         index, _, img = decode_sample(raw)
-        if index in needed:
-            base[index] = base_view(transform, img, seed, plan.epoch, index)
+        base[index] = base_view(transform, img, seed, plan.epoch, index)
     missing = needed - set(base)
     if missing:
         raise ReplayError(f"samples {sorted(missing)[:5]} are not in the shard of epoch {plan.epoch}")

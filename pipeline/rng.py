@@ -66,7 +66,7 @@ def sample_scope(seed: int) -> Iterator[None]:
     gen = torch.default_generator
     with _lock:
         _py.seed(seed)
-        _np.random.seed(seed & 0xFFFFFFFF)
+        _np.random.seed(seed & 0xFFFFFFFF)  # 32 bits: only RandAugment's op choice (15 ops) draws from it
         saved = gen.get_state()
         gen.manual_seed(seed)
         for mod in modules:

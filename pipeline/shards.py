@@ -40,7 +40,8 @@ SPLITS = ("train", "val")
 IMAGE_FIELDS = ("jpg", "png")
 # Fields of DataConfig that say where things are, not what the data is: left out of config_hash so
 # the same data ingested from or into another folder gets the same manifest.
-LOCATION_FIELDS = ("shards", "root", "train_root", "val_root")
+LOCATION_FIELDS = ("shards", "root", "train_root", "val_root", "train_shards")
+"""Data fields that do not change what ingest writes (where things are; which shards later stages use)."""
 
 
 class ShardError(ValueError):
@@ -108,7 +109,7 @@ class Manifest:
         try:
             return self.splits[split]
         except KeyError:
-            raise KeyError(
+            raise ShardError(
                 f"{self.root / MANIFEST_NAME}: no split {split!r} (has {sorted(self.splits)})"
             ) from None
 

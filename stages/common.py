@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 from importlib import metadata
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.shards import Manifest
@@ -57,3 +59,10 @@ def make_loader(dataset: IterableDataset, batch_size: int, workers: int) -> Data
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, **kw: Any) -> tqdm:
+    """A tqdm bar that redraws in place on a terminal and prints a line every 30 s into logs (dvc repro)."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if tty else 30.0, **kw)

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import Config, StudentConfig  # noqa: E402
+from pipeline.distributed import resolve_device  # noqa: E402
 from pipeline.evaluation import evaluate_student, predict, throughput  # noqa: E402
 from pipeline.models import create_student, load_teacher  # noqa: E402
 from pipeline.replay import ReplayDataset  # noqa: E402
@@ -32,8 +33,11 @@ def load_student(folder: Path, device: torch.device) -> tuple[torch.nn.Module, d
     path = Path(folder) / CHECKPOINT
     if not path.is_file():
         raise StageError(f"no student checkpoint at {path}; run `distill student` for it first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    sc = StudentConfig.model_validate(ckpt["student"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        sc = StudentConfig.model_validate(ckpt["student"])
+    except Exception as e:
+        raise StageError(f"{path}: not a readable student checkpoint ({type(e).__name__}: {e})") from e
     model = create_student(sc, num_classes=ckpt["num_classes"], img_size=ckpt["img_size"], in_chans=ckpt["in_chans"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), {"distillation": sc.distillation, "token": sc.token, "epochs": ckpt["epoch"] + 1}
@@ -64,8 +68,7 @@ def _plot(models: dict[str, dict[str, Any]], path: Path) -> None:
 
 def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "auto") -> dict[str, Any]:
     """Evaluate the teacher and every student; ``students`` maps a name to a student output folder."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     students = students if students is not None else {p.name.removeprefix("student-"): p for p in cfg.evaluate.students}
     manifest = open_shards(cfg)
     val = ReplayDataset(manifest, cfg.aug, cfg.seed, [(0, s) for s in range(len(manifest.ranges("val")))],

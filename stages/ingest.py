@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
 from pipeline.config import Config, canonical_hash
 from pipeline.shards import (
@@ -37,6 +36,7 @@ from pipeline.shards import (
     write_manifest,
 )
 from pipeline.sources import CorruptImage, IngestError, Record, Source, read_source
+from stages.common import progress_bar
 
 __all__ = ["IngestError", "run", "shuffle_records", "input_key"]
 
@@ -101,7 +101,7 @@ def _write_split(
         )
         state["writer"] = state["file"] = None
 
-    with tqdm(total=len(records), desc=f"ingest {split}", unit="img", disable=not progress) as bar:
+    with progress_bar(len(records), f"ingest {split}", "img", progress) as bar:
         try:
             for rec in records:
                 try:

@@ -30,29 +30,24 @@ from pipeline import distributed
 from pipeline.config import Config, canonical_hash
 from pipeline.evaluation import evaluate_student
 from pipeline.losses import distillation_loss, teacher_targets_from_logits, teacher_targets_from_store
-from pipeline.models import create_student, file_sha256, load_teacher
+from pipeline.models import create_student, load_teacher, teacher_identity
 from pipeline.replay import ReplayDataset
 from pipeline.rng import TAG_SHUFFLE, derive_seed
 from pipeline.shards import Manifest, open_shards
-from stages.common import StageError, make_loader, store_provenance
+from stages.common import StageError, make_loader, progress_bar, store_provenance
 from stages.student_data import StoreJoin, steps_per_epoch
 from stages.teacher import resolve_teacher, teacher_forward
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def teacher_identity(cfg: Config) -> str:
-    t = cfg.teacher
-    return file_sha256(t.checkpoint) if t.checkpoint is not None else f"pretrained:{t.model}"
-
-
-def run_hash(cfg: Config, manifest: Manifest, world: int, workers: int, mode: str) -> str:
-    """What a checkpoint must share with this run to be resumed."""
+def run_hash(cfg: Config, manifest: Manifest, world: int, workers: int, mode: str, teacher: str) -> str:
+    """What a checkpoint must share with this run to be resumed (the teacher's targets included)."""
     return canonical_hash({
         "seed": cfg.seed, "aug": cfg.aug.model_dump(mode="json"),
         "student": cfg.student.model_dump(mode="json", exclude={"output", "eval_every"}),
-        "teacher_epochs": cfg.teacher.epochs, "manifest": manifest.fingerprint, "world": world,
-        "workers": workers, "mode": mode,
+        "teacher": teacher, "teacher_epochs": cfg.teacher.epochs, "topk": cfg.teacher.topk,
+        "manifest": manifest.fingerprint, "world": world, "workers": workers, "mode": mode,
     })
 
 
@@ -97,8 +92,13 @@ def run(
     workers: int | None = None,
     teacher_mode: str | None = None,
     until_epoch: int | None = None,
+    restart: bool = False,
 ) -> Path:
-    """Train (or resume) the student; returns its output folder. ``until_epoch`` stops after that many epochs."""
+    """Train (or resume) the student; returns its output folder. ``until_epoch`` stops after that many epochs.
+
+    A checkpoint from another configuration is refused unless ``restart``, so a mistyped override never
+    overwrites a long run.
+    """
     env = distributed.setup(device)
     dev = env.device
     sc = cfg.student
@@ -110,11 +110,12 @@ def run(
     kind = sc.distillation
     need_soft = kind == "soft"
 
-    join, online = None, None
+    join, online, teacher_id = None, None, "none"
     if kind != "none":
         cfg = resolve_teacher(cfg)
+        teacher_id = teacher_identity(cfg.teacher)
         if mode == "offline":
-            prov = store_provenance(cfg, manifest, teacher_identity(cfg))
+            prov = store_provenance(cfg, manifest, teacher_id)
             group = store.open_store(cfg.store.path, expected=prov)
             missing = np.argwhere(~store.done_mask(group))
             if len(missing):
@@ -127,6 +128,8 @@ def run(
         else:
             online, _ = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=cfg.aug.channels)
             online.to(dev).eval()
+            if dev.type == "cuda":
+                online.to(memory_format=torch.channels_last)
 
     torch.manual_seed(cfg.seed)
     model = create_student(sc, num_classes=num_classes, img_size=cfg.aug.img_size, in_chans=cfg.aug.channels)
@@ -150,11 +153,15 @@ def run(
     )
     ema = ModelEmaV3(model, decay=sc.ema_decay) if sc.ema else None
 
-    h = run_hash(cfg, manifest, env.world, workers, mode)
+    h = run_hash(cfg, manifest, env.world, workers, mode, teacher_id)
     ckpt_path = out / CHECKPOINT
     start_epoch, global_step, history = 0, 0, []
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+    if ckpt_path.is_file() and not restart:
+        try:
+            ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        except Exception as e:
+            raise StageError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: {e}); "
+                             "use --restart to start afresh") from e
         if ckpt.get("run_hash") == h:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -165,8 +172,11 @@ def run(
             _set_rng_state(ckpt["rng"][env.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
             if env.is_main:
                 print(f"student: resuming {ckpt_path} after epoch {start_epoch}")
-        elif env.is_main:
-            print(f"student: {ckpt_path} is from another configuration; starting afresh")
+        else:
+            raise StageError(
+                f"{ckpt_path} is from another configuration (student, aug, teacher or shards differ); "
+                "use --restart to overwrite it, or set student.output to another folder"
+            )
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -184,8 +194,8 @@ def run(
         sums = {"loss": 0.0, "base": 0.0, "distill": 0.0}
         t0 = time.perf_counter()
         it = iter(loader)
-        with tqdm(total=steps[epoch], unit="step", desc=f"student[{kind}] epoch {epoch + 1}/{sc.epochs}",
-                  disable=not (progress and env.is_main), dynamic_ncols=True, leave=False) as bar:
+        with progress_bar(steps[epoch], f"student[{kind}] epoch {epoch + 1}/{sc.epochs}", "step",
+                          progress and env.is_main, leave=False) as bar:
             for step in range(1, steps[epoch] + 1):
                 batch = next(it)
                 x, y = batch.view.to(dev, non_blocking=True), batch.target.to(dev, non_blocking=True)
@@ -196,7 +206,8 @@ def run(
                         need_soft, device=dev,
                     )
                 elif kind != "none":
-                    teacher = teacher_targets_from_logits(teacher_forward(online, x, dev).to(dev), sc.tau, need_soft)
+                    teacher = teacher_targets_from_logits(teacher_forward(online, x, dev, to_cpu=False), sc.tau,
+                                                          need_soft)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                     outputs = ddp(x)
                 parts = distillation_loss(outputs, y, teacher, kind=kind, alpha=sc.alpha, tau=sc.tau,

@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.models import load_teacher
 from pipeline.replay import ReplayDataset
 from pipeline.shards import Manifest, open_shards
-from stages.common import StageError, make_loader, store_provenance
+from stages.common import StageError, make_loader, progress_bar, store_provenance
 
 
 def resolve_teacher(cfg: Config) -> Config:
@@ -38,16 +38,17 @@ def resolve_teacher(cfg: Config) -> Config:
     return cfg.model_copy(update={"teacher": t.model_copy(update={"checkpoint": Path(t.fit.output)})})
 
 
-def teacher_forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def teacher_forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device, to_cpu: bool = True) -> torch.Tensor:
     """Teacher logits in float32; bf16 autocast and channels_last on CUDA, plain float32 on CPU."""
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: online targets feed the student's loss, outside it
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(x.contiguous(memory_format=torch.channels_last))
         else:
             out = model(x)
-    return out.float().cpu()
+    out = out.float()
+    return out.cpu() if to_cpu else out
 
 
 @dataclass
@@ -104,6 +105,9 @@ class _Collector:
                 self._write(e, s, self.open.pop((e, s)))
 
     def _write(self, epoch: int, shard: int, buf: _UnitBuffer) -> None:
+        if not np.isfinite(buf.logits).all():
+            raise StageError(f"teacher produced NaN/inf logits for {self.split} unit (epoch {epoch}, shard {shard}); "
+                             "check the teacher checkpoint and the normalisation (aug.mean/std)")
         topk_logits, topk_classes, hard, lse = store.topk_from_logits(buf.logits, self.k)
         targets = dict(
             topk_logits=topk_logits, topk_classes=topk_classes, hard_label=hard, logsumexp=lse, label=buf.label
@@ -187,8 +191,7 @@ def run(
 
     total = _count(manifest, "train", mine_train) + _count(manifest, "val", mine_val)
     t0 = time.perf_counter()
-    with tqdm(total=total, unit="im", desc=f"teacher {cfg.teacher.model}", disable=not (progress and env.is_main),
-              dynamic_ncols=True) as bar:
+    with progress_bar(total, f"teacher {cfg.teacher.model}", "im", progress and env.is_main) as bar:
         for split, units in (("train", mine_train), ("val", mine_val)):
             if not units:
                 continue

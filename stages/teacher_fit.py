@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from timm.scheduler import CosineLRScheduler
-from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.config import Config, canonical_hash
@@ -21,7 +20,7 @@ from pipeline.losses import soft_target_cross_entropy
 from pipeline.models import create_teacher, save_teacher_checkpoint
 from pipeline.replay import ReplayDataset
 from pipeline.shards import Manifest, open_shards
-from stages.common import StageError, make_loader
+from stages.common import StageError, make_loader, progress_bar
 
 FIT_EPOCH_BASE = 1_000_000
 """Fit epoch t replays augmentation epoch FIT_EPOCH_BASE + t: fresh views, never a stored epoch's."""
@@ -92,8 +91,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     history = []
     t0 = time.perf_counter()
     step = 0
-    with tqdm(total=fit.epochs * n_train, unit="im", desc=f"teacher-fit {cfg.teacher.model}",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(fit.epochs * n_train, f"teacher-fit {cfg.teacher.model}", "im", progress) as bar:
         for epoch in range(fit.epochs):
             model.train()
             units = [(FIT_EPOCH_BASE + epoch, s) for s in shards]

@@ -15,11 +15,13 @@ import torch
 import store
 from pipeline.augment import train_transform
 from pipeline.config import Config
+from pipeline.distributed import resolve_device
 from pipeline.models import load_teacher
 from pipeline.plan import epoch_plan
 from pipeline.replay import read_shard, replay_indices
 from pipeline.shards import open_shards
 from stages.common import store_provenance
+from stages.student_data import check_plan
 from stages.teacher import resolve_teacher, teacher_forward
 
 
@@ -36,8 +38,7 @@ class VerifyReport:
 
 def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto") -> VerifyReport:
     """Re-run the teacher on ``samples`` random stored (epoch, index) pairs; compare with the store."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     manifest = open_shards(cfg)
     cfg = resolve_teacher(cfg)
     model, sha = load_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
@@ -68,6 +69,7 @@ def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto") 
         order = sorted(views)
         logits = teacher_forward(model, torch.stack([views[i] for i in order]), dev).numpy()
         unit = store.read_train_unit(group, e, s)
+        check_plan(cfg.store.path, unit, plan)
         rows = np.array(order) - starts[s]
         agree += int((logits.argmax(1) == unit.hard_label[rows]).sum())
         recomputed = np.take_along_axis(logits, unit.topk_classes[rows].astype(np.int64), axis=1)

@@ -19,6 +19,7 @@ import numpy as np
 IDENTITY_FIELDS: tuple[str, ...] = (
     "teacher",
     "teacher_sha256",
+    "teacher_small_stem",
     "aug_hash",
     "seed",
     "epochs",

@@ -62,3 +62,24 @@ def test_missing_config_file_is_named(tmp_path):
 def test_malformed_override_is_explained():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(overrides=["student.epochs"])
+
+
+def test_teacher_fit_aug_overrides_apply_to_fitting_only():
+    cfg = load_config(overrides=["teacher.fit.aug={mix_prob: 0.0, reprob: 0.0}"])
+    assert cfg.fit_aug().mix_prob == 0.0 and cfg.fit_aug().reprob == 0.0
+    assert cfg.aug.mix_prob == 1.0 and cfg.aug.reprob == 0.25
+
+
+def test_teacher_fit_aug_override_with_a_bad_key_is_named():
+    with pytest.raises(ConfigError, match="teacher.fit.aug.bogus"):
+        load_config(overrides=["teacher.fit.aug={bogus: 1}"])
+
+
+def test_bad_auto_augment_string_is_a_config_error():
+    with pytest.raises(ConfigError, match="aug.auto_augment"):
+        load_config(overrides=["aug.auto_augment=rand-zz"])
+
+
+def test_store_level_out_of_range_for_codec_is_a_config_error():
+    with pytest.raises(ConfigError, match="store.level 12 is out of range for gzip"):
+        load_config(overrides=["store.codec=gzip", "store.level=12"])

@@ -463,3 +463,14 @@ def test_imagefolder_jpeg_only_and_png_only(tmp_path):
         cfg = folder_config(tmp_path, roots, shards=str(tmp_path / f"shards-{fmt}"))
         m = load_manifest(ingest.run(cfg, progress=False))
         assert {k for s in all_samples(m, "train") for k in s} == {"__key__", "cls", "idx", fmt}
+
+
+def test_train_shards_subset_keeps_the_first_shards_and_changes_the_fingerprint(tiny_config):
+    from pipeline.shards import load_manifest, open_shards
+
+    ingest.run(tiny_config, progress=False)
+    full = load_manifest(tiny_config.data.shards)
+    sub = open_shards(tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"train_shards": 2})}))
+    assert sub.ranges("train") == full.ranges("train")[:2]
+    assert sub.count("train") == 20 and sub.count("val") == full.count("val")
+    assert sub.fingerprint != full.fingerprint

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def _tiny_config(idx: Path) -> dict:
     return {
         "seed": 0,
-        "data": {"root": str(idx), "shards": "data/shards", "shard_size": 12},
+        "data": {"root": str(idx), "shards": "data/shards", "shard_size": 12, "train_shards": 3},
         "aug": {"img_size": 28, "channels": 1, "mean": [0.5], "std": [0.5], "auto_augment": None,
                 "color_jitter": 0.0, "scale": [0.35, 1.0], "window": 8, "crop_pct": 1.0},
         "teacher": {"model": "resnet18", "small_stem": True, "epochs": 2, "topk": 5, "batch_size": 16,

@@ -379,3 +379,35 @@ def test_soft_distillation_runs_end_to_end_with_a_positive_distill_loss(mixed, t
         assert np.isfinite(float(r["loss"])) and float(r["loss_distill"]) > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["distillation"] == "soft" and metrics["epochs_done"] == 2
+
+
+def test_online_soft_distillation_trains(mixed, tmp_path):
+    """Online teacher targets feed the loss outside the teacher's no-grad block (soft needs its log-probs)."""
+    out = student_stage.run(with_student(mixed, distillation="soft", epochs=1, output=tmp_path / "online-soft"),
+                            progress=False, device="cpu", teacher_mode="online")
+    assert float(history(out)[0]["loss_distill"]) > 0
+
+
+def test_store_join_in_two_workers_gives_the_same_samples(mixed):
+    """StoreJoin pickles into DataLoader workers and joins each unit's targets there."""
+    m = load_manifest(mixed.data.shards)
+    units = [(0, s) for s in range(len(m.ranges("train")))]
+    got = {}
+    for workers in (0, 2):
+        ds = ReplayDataset(m, mixed.aug, mixed.seed, units, join=StoreJoin(mixed.store.path))
+        rows = {}
+        for b in DataLoader(ds, batch_size=4, num_workers=workers):
+            for j in range(len(b.index)):
+                rows[int(b.index[j])] = (int(b.t_hard[j]), b.t_logits[j].numpy().tobytes(), b.view[j].numpy().tobytes())
+        got[workers] = rows
+    assert got[0] == got[2] and len(got[0]) == m.count("train")
+
+
+def test_checkpoint_from_another_configuration_is_refused_unless_restart(mixed, tmp_path):
+    out = tmp_path / "out"
+    student_stage.run(with_student(mixed, distillation="hard", epochs=1, output=out), progress=False, device="cpu")
+    other = with_student(mixed, distillation="hard", epochs=1, alpha=0.3, output=out)
+    with pytest.raises(StageError, match="another configuration"):
+        student_stage.run(other, progress=False, device="cpu")
+    student_stage.run(other, progress=False, device="cpu", restart=True)
+    assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 1
