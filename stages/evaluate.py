@@ -118,7 +118,8 @@ def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "
         if name == "teacher":
             acc_rows.append([name, m["model"], m["top1"], m["top5"], "-", "-", "-", m["throughput_im_per_s"]])
         else:
-            acc_rows.append([name, f"{m['distillation']} ({m['token']} token)", m["top1"], m["top5"],
+            how = "none" if m["distillation"] == "none" else f"{m['distillation']} ({m['token']} token)"
+            acc_rows.append([name, how, m["top1"], m["top5"],
                              m["cls_top1"], m["dist_top1"], m["fused_top1"], m["throughput_im_per_s"]])
     text = [
         f"# Results on val ({len(label)} images)", "",

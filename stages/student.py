@@ -224,7 +224,7 @@ def run(
                 for k, v in (("loss", parts.total), ("base", parts.base), ("distill", parts.distill)):
                     sums[k] += float(v.detach())
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / step:.3f}")
+                bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", refresh=False)
         del it
         seconds = time.perf_counter() - t0
         n = steps[epoch]

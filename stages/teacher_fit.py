@@ -108,7 +108,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
                 loss_sum += float(loss.detach()) * len(x)
                 seen += len(x)
                 bar.update(len(x))
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", refresh=False)
             history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1)})
 
     top1 = evaluate_top1(model, manifest, cfg, env.device)
