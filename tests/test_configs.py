@@ -77,7 +77,7 @@ def test_teacher_fit_aug_override_with_a_bad_key_is_named():
 
 def test_bad_auto_augment_string_is_a_config_error():
     with pytest.raises(ConfigError, match="aug.auto_augment"):
-        load_config(overrides=["aug.auto_augment=rand-zz"])
+        load_config(overrides=["aug.auto_augment=bogus"])
 
 
 def test_store_level_out_of_range_for_codec_is_a_config_error():
