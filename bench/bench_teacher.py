@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import io
 import os
 import re
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import store  # noqa: E402
+from bench.data import FMNIST, synthetic_idx  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.models import create_teacher, load_teacher, save_teacher_checkpoint  # noqa: E402
 from pipeline.replay import ReplayDataset  # noqa: E402
@@ -48,26 +48,7 @@ from pipeline.shards import load_manifest  # noqa: E402
 from stages import ingest, teacher  # noqa: E402
 from stages.common import make_loader  # noqa: E402
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 TARGET = 0.90
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, np.uint8).tobytes(), mtime=0))
-
-
-def synthetic_idx(root: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
-    """Blurry blobs on noise (compresses like photos, not like pure noise), label i % 10."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    for prefix, n in (("train", n_train), ("t10k", n_val)):
-        cy, cx, r = rng.uniform(6, 22, (3, n, 1, 1))
-        img = 200 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (r / 2 + 1) ** 2)) + rng.normal(20, 8, (n, 28, 28))
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.clip(img, 0, 255).astype(np.uint8))
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
-    return root
 
 
 def build(tmp: Path, args: argparse.Namespace) -> Config:

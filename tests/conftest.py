@@ -146,6 +146,18 @@ def make_config(tmp_path: Path, data: dict[str, Any], **sections: Any) -> Config
     return Config.model_validate(raw)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two OpenMP threads spin against other
+    processes and a tiny forward pass gets 10x slower. (torchrun ranks run with OMP_NUM_THREADS=1 too.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def idx_root(tmp_path: Path) -> Path:
     """25 train / 12 val gzipped 28x28 grayscale IDX images, 10 classes."""

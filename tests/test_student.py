@@ -127,12 +127,7 @@ def copy_store(cfg: Config, tmp: Path) -> tuple[Config, Path]:
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
 
 
 @pytest.fixture(scope="module")

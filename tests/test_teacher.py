@@ -115,14 +115,7 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against other processes
-    and a tiny forward pass gets 10x slower. (torchrun ranks run with OMP_NUM_THREADS=1 as well.)"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thread
 
 
 @pytest.fixture(scope="module")
