@@ -45,14 +45,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.data import FMNIST, synthetic_idx  # noqa: E402
+from bench.data import ingest_with_random_teacher, source_root  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.losses import teacher_targets_from_store  # noqa: E402
-from pipeline.models import create_teacher, save_teacher_checkpoint  # noqa: E402
 from pipeline.replay import ReplayDataset  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
-from stages import ingest, teacher  # noqa: E402
 from stages import student as student_stage  # noqa: E402
+from stages import teacher  # noqa: E402
 from stages.student_data import StoreJoin  # noqa: E402
 
 TARGET = 0.95
@@ -61,10 +60,7 @@ MODES = (("none", "none", "offline"), ("offline", "hard", "offline"), ("online",
 
 def build(tmp: Path, args: argparse.Namespace) -> Config:
     """Shards, a random teacher checkpoint and a full logit store for the demo recipe, cut to size."""
-    if FMNIST.is_dir() and not args.synthetic:
-        root, source = FMNIST, "fashion-mnist"
-    else:
-        root, source = synthetic_idx(tmp / "idx", args.n, args.val), "synthetic"
+    root, source = source_root(tmp, args.n, args.val, args.synthetic)
     raw = load_config(None).model_dump(mode="json")
     raw["data"].update(root=str(root), shards=str(tmp / "shards"), shard_size=args.shard_size,
                        train_limit=args.n, val_limit=args.val)
@@ -75,13 +71,7 @@ def build(tmp: Path, args: argparse.Namespace) -> Config:
                           warmup_epochs=0, eval_every=10**6, output=str(tmp / "runs" / "unused"))
     raw["evaluate"]["batch_size"] = 256
     cfg = Config.model_validate(raw)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ingest.run(cfg, progress=False)
-    m = load_manifest(cfg.data.shards)
-    torch.manual_seed(0)
-    net = create_teacher(cfg.teacher.model_copy(update={"checkpoint": None}), num_classes=m.num_classes,
-                         in_chans=cfg.aug.channels)
-    save_teacher_checkpoint(net, cfg.teacher.checkpoint, {"model": args.teacher, "random": True})
+    m = ingest_with_random_teacher(cfg)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         teacher.run(cfg, progress=False, device="cpu")

@@ -40,22 +40,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import store  # noqa: E402
-from bench.data import FMNIST, synthetic_idx  # noqa: E402
+from bench.data import ingest_with_random_teacher, source_root  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.models import create_teacher, load_teacher, save_teacher_checkpoint  # noqa: E402
+from pipeline.models import load_teacher  # noqa: E402
 from pipeline.replay import ReplayDataset  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
-from stages import ingest, teacher  # noqa: E402
+from stages import teacher  # noqa: E402
 from stages.common import make_loader  # noqa: E402
 
 TARGET = 0.90
 
 
 def build(tmp: Path, args: argparse.Namespace) -> Config:
-    if FMNIST.is_dir() and not args.synthetic:
-        root, source = FMNIST, "fashion-mnist"
-    else:
-        root, source = synthetic_idx(tmp / "idx", args.n, args.val), "synthetic"
+    root, source = source_root(tmp, args.n, args.val, args.synthetic)
     aug = load_config(None).aug.model_dump(mode="json")  # the demo's DeiT recipe at 28 px
     raw = {
         "seed": 0,
@@ -67,13 +64,7 @@ def build(tmp: Path, args: argparse.Namespace) -> Config:
         "store": {"path": str(tmp / "unused.zarr")},
     }
     cfg = Config.model_validate(raw)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ingest.run(cfg, progress=False)
-    m = load_manifest(cfg.data.shards)
-    torch.manual_seed(0)
-    net = create_teacher(cfg.teacher.model_copy(update={"checkpoint": None}), num_classes=m.num_classes,
-                         in_chans=cfg.aug.channels)
-    save_teacher_checkpoint(net, cfg.teacher.checkpoint, {"model": args.model, "random": True})
+    m = ingest_with_random_teacher(cfg)
     print(f"data: {source}, {m.count('train')} train + {m.count('val')} val images, shards of {args.shard_size}; "
           f"teacher {args.model}{' small-stem' if args.small_stem else ''} (random init), E={args.epochs}, "
           f"K={args.topk}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.models import create_teacher, save_teacher_checkpoint
+from pipeline.shards import Manifest, load_manifest
+from stages import ingest
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -27,3 +35,23 @@ def synthetic_idx(root: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
         _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.clip(img, 0, 255).astype(np.uint8))
         _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
     return root
+
+
+def source_root(tmp: Path, n_train: int, n_val: int, synthetic: bool) -> tuple[Path, str]:
+    """Fashion-MNIST when installed (and not ``synthetic``), else generated IDX files."""
+    if FMNIST.is_dir() and not synthetic:
+        return FMNIST, "fashion-mnist"
+    return synthetic_idx(tmp / "idx", n_train, n_val), "synthetic"
+
+
+def ingest_with_random_teacher(cfg: Config) -> Manifest:
+    """Shards for ``cfg`` and a randomly initialised teacher saved at ``cfg.teacher.checkpoint``
+    (throughput does not depend on the weights)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ingest.run(cfg, progress=False)
+    m = load_manifest(cfg.data.shards)
+    torch.manual_seed(0)
+    net = create_teacher(cfg.teacher.model_copy(update={"checkpoint": None}), num_classes=m.num_classes,
+                         in_chans=cfg.aug.channels)
+    save_teacher_checkpoint(net, cfg.teacher.checkpoint, {"model": cfg.teacher.model, "random": True})
+    return m
