@@ -26,6 +26,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("pipeline.models", "ModelError"),
         ("store", "StoreError"),
         ("stages.common", "StageError"),
+        ("pipeline.distributed", "DeviceError"),
     ):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))

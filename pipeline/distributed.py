@@ -24,12 +24,16 @@ class DistEnv:
 DEVICES = ("auto", "cpu", "cuda")
 
 
+class DeviceError(ValueError):
+    """A device that this machine does not have."""
+
+
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` is CUDA when available; ``cuda`` on a machine without it is an error, not a silent CPU run."""
     if device not in DEVICES:
-        raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+        raise DeviceError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device here")
+        raise DeviceError("--device cuda was asked for, but torch sees no CUDA device on this machine")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 

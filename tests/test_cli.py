@@ -43,3 +43,12 @@ def test_store_describe_of_a_missing_store_is_a_clean_error(tmp_path):
     result = CliRunner().invoke(main, ["store", "describe", str(tmp_path / "none.zarr")])
     assert result.exit_code == 1
     assert "none.zarr" in result.output
+
+
+def test_cuda_on_a_machine_without_it_is_a_clean_error(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(main, ["verify", "--device", "cuda", "--set", f"data.shards={tmp_path}"])
+    assert result.exit_code == 1
+    assert "no CUDA device" in result.output and "Traceback" not in result.output
