@@ -18,21 +18,17 @@ from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    for mod, name in (
-        ("pipeline.sources", "IngestError"),
-        ("pipeline.shards", "ShardError"),
-        ("pipeline.replay", "ReplayError"),
-        ("pipeline.models", "ModelError"),
-        ("store", "StoreError"),
-        ("stages.common", "StageError"),
-        ("pipeline.distributed", "DeviceError"),
-    ):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    """The project's own error types (imported only when an error is being matched, so --help stays fast)."""
+    from pipeline.distributed import DeviceError
+    from pipeline.models import ModelError
+    from pipeline.replay import ReplayError
+    from pipeline.shards import ShardError
+    from pipeline.sources import IngestError
+    from stages.common import StageError
+    from store import StoreError
+
+    return (ConfigError, FileNotFoundError, IngestError, ShardError, ReplayError, ModelError, StoreError,
+            StageError, DeviceError)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

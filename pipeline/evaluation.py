@@ -10,48 +10,43 @@ import torch
 from pipeline.models import student_heads
 
 
-def _topk_correct(logits: torch.Tensor, label: torch.Tensor, k: int) -> int:
+def topk_accuracy(logits: torch.Tensor, label: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[1])
-    return int((logits.topk(k, dim=1).indices == label[:, None]).any(dim=1).sum())
+    return float((logits.topk(k, dim=1).indices == label[:, None]).any(dim=1).float().mean())
 
 
 @torch.no_grad()
-def evaluate_student(model: torch.nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 of the class head, the distillation head and their average (timm's fused output)."""
+def collect_logits(model: torch.nn.Module, batches: Iterable, device: torch.device, heads: bool = False) -> dict:
+    """Index, label and logits of every sample in one pass: ``logits`` of a plain model, or ``cls`` and
+    ``dist`` (and their average, timm's fused output, as ``fused``) of a distilled student."""
     was_training = model.training
     model.eval()
-    counts = {f"{h}_top{k}": 0 for h in ("cls", "dist", "fused") for k in (1, 5)}
-    n = 0
-    for batch in batches:
-        x, y = batch.view.to(device), batch.label.to(device)
-        cls, dist = student_heads(model, x)
-        for name, logits in (("cls", cls), ("dist", dist), ("fused", (cls + dist) / 2)):
-            counts[f"{name}_top1"] += _topk_correct(logits, y, 1)
-            counts[f"{name}_top5"] += _topk_correct(logits, y, 5)
-        n += len(y)
-    model.train(was_training)
-    return {k: v / max(n, 1) for k, v in counts.items()}
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable, device: torch.device, head: str | None = None) -> dict:
-    """Labels and logits for every batch (for disagreement tables).
-
-    ``head`` picks a distilled student's ``cls``, ``dist`` or ``fused`` output; None for a plain model.
-    """
-    model.eval()
-    out: dict[str, list[torch.Tensor]] = {"index": [], "label": [], "logits": []}
+    out: dict[str, list[torch.Tensor]] = {"index": [], "label": []}
     for batch in batches:
         x = batch.view.to(device)
-        if head is None:
-            logits = model(x)
-        else:
-            cls, dist = student_heads(model, x)
-            logits = {"cls": cls, "dist": dist, "fused": (cls + dist) / 2}[head]
         out["index"].append(batch.index)
         out["label"].append(batch.label)
-        out["logits"].append(logits.float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+        if heads:
+            cls, dist = student_heads(model, x)
+            out.setdefault("cls", []).append(cls.float().cpu())
+            out.setdefault("dist", []).append(dist.float().cpu())
+        else:
+            out.setdefault("logits", []).append(model(x).float().cpu())
+    model.train(was_training)
+    res = {k: torch.cat(v) for k, v in out.items()}
+    if heads:
+        res["fused"] = (res["cls"] + res["dist"]) / 2
+    return res
+
+
+def head_accuracies(out: dict) -> dict[str, float]:
+    """Top-1/top-5 of the class head, the distillation head and their average, from ``collect_logits``."""
+    return {f"{h}_top{k}": topk_accuracy(out[h], out["label"], k) for h in ("cls", "dist", "fused") for k in (1, 5)}
+
+
+def evaluate_student(model: torch.nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 of the class head, the distillation head and their average (timm's fused output)."""
+    return head_accuracies(collect_logits(model, batches, device, heads=True))
 
 
 @torch.no_grad()

@@ -183,21 +183,6 @@ def _body(m: Manifest) -> dict[str, Any]:
     }
 
 
-# Module-level forms of the Manifest methods, for callers that prefer functions.
-
-
-def shard_paths(manifest: Manifest, split: str) -> list[str]:
-    return manifest.shard_paths(split)
-
-
-def ranges(manifest: Manifest, split: str) -> list[tuple[int, int]]:
-    return manifest.ranges(split)
-
-
-def shard_id_from_path(manifest: Manifest, split: str, path: str | os.PathLike) -> int:
-    return manifest.shard_id_from_path(split, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading and writing the manifest
 

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from pipeline.config import Config, StudentConfig  # noqa: E402
 from pipeline.distributed import resolve_device  # noqa: E402
-from pipeline.evaluation import evaluate_student, predict, throughput  # noqa: E402
+from pipeline.evaluation import collect_logits, head_accuracies, throughput, topk_accuracy  # noqa: E402
 from pipeline.models import create_student, load_teacher  # noqa: E402
 from pipeline.replay import ReplayDataset  # noqa: E402
 from pipeline.shards import open_shards  # noqa: E402
@@ -78,30 +78,28 @@ def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "
     tcfg = resolve_teacher(cfg)
     teacher, _ = load_teacher(tcfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     teacher.to(dev)
-    t_pred = predict(teacher, make_loader(val, cfg.evaluate.batch_size, 0), dev)
-    label = t_pred["label"]
-    preds: dict[str, torch.Tensor] = {"ground truth": label, "teacher": t_pred["logits"].argmax(1)}
+    t_out = collect_logits(teacher, make_loader(val, cfg.evaluate.batch_size, 0), dev)
+    label = t_out["label"]
+    preds: dict[str, torch.Tensor] = {"ground truth": label, "teacher": t_out["logits"].argmax(1)}
     models: dict[str, dict[str, Any]] = {
         "teacher": {
             "model": cfg.teacher.model,
-            "top1": float((preds["teacher"] == label).float().mean()),
-            "top5": float((t_pred["logits"].topk(min(5, manifest.num_classes), 1).indices == label[:, None])
-                          .any(1).float().mean()),
+            "top1": topk_accuracy(t_out["logits"], label, 1),
+            "top5": topk_accuracy(t_out["logits"], label, 5),
             "throughput_im_per_s": throughput(teacher, example, dev, cfg.evaluate.throughput_seconds),
         }
     }
     for name, folder in students.items():
         model, info = load_student(folder, dev)
-        acc = evaluate_student(model, make_loader(val, cfg.evaluate.batch_size, 0), dev)
+        out = collect_logits(model, make_loader(val, cfg.evaluate.batch_size, 0), dev, heads=True)
+        acc = head_accuracies(out)
         # A student trained without distillation never trains its distillation head: report its class head.
         head = "cls" if info["distillation"] == "none" or info["token"] == "class" else "fused"
-        p = predict(model, make_loader(val, cfg.evaluate.batch_size, 0), dev, head=head)
-        if not torch.equal(p["label"], label):
+        if not torch.equal(out["label"], label):
             raise StageError("val order differs between teacher and student passes")
-        preds[name] = p["logits"].argmax(1)
+        preds[name] = out[head].argmax(1)
         models[name] = {
-            **info, "head": head, "top1": acc[f"{head}_top1"], "top5": acc[f"{head}_top5"],
-            **{k: v for k, v in acc.items()},
+            **info, "head": head, "top1": acc[f"{head}_top1"], "top5": acc[f"{head}_top5"], **acc,
             "throughput_im_per_s": throughput(model, example, dev, cfg.evaluate.throughput_seconds),
         }
 

@@ -258,6 +258,7 @@ def run(
             summary = _summary(cfg, mode, history)
             _write_outputs(out, history, summary)
         distributed.barrier()
+    distributed.teardown()
     return out
 
 

@@ -209,4 +209,5 @@ def run(
         rate = total / elapsed if elapsed > 0 else 0.0
         print(f"teacher: wrote {len(mine_train)} train + {len(mine_val)} val unit(s) on rank 0 "
               f"({total} images, {rate:.0f} im/s) -> {path}")
+    distributed.teardown()
     return path

@@ -79,14 +79,19 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     model = create_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     model.to(env.device)
     n_train = manifest.count("train")
-    steps_per_epoch = -(-n_train // fit.batch_size)
+    # Every worker ends its own stream with a partial batch, so an epoch has sum over workers of ceil(n_w / b).
+    nw = max(cfg.teacher.workers, 1)
+    ranges = manifest.ranges("train")
+    steps_per_epoch = sum(
+        -(-sum(b - a for a, b in ranges[w::nw]) // fit.batch_size) for w in range(nw)
+    )
     lr = fit.lr * fit.batch_size / 256
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=fit.weight_decay)
     sched = CosineLRScheduler(
         opt, t_initial=fit.epochs * steps_per_epoch, lr_min=lr * 1e-3,
         warmup_t=fit.warmup_epochs * steps_per_epoch, warmup_lr_init=lr * 0.01, t_in_epochs=False,
     )
-    shards = range(len(manifest.ranges("train")))
+    shards = range(len(ranges))
     fit_aug = cfg.fit_aug()
     history = []
     t0 = time.perf_counter()

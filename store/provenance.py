@@ -29,8 +29,6 @@ IDENTITY_FIELDS: tuple[str, ...] = (
 )
 """Fields compared when a store is opened for a run. Any other provenance key is informational."""
 
-INFORMATIONAL_EXAMPLES: tuple[str, ...] = ("versions", "created", "host", "teacher_checkpoint", "aug")
-"""Examples of informational keys (not compared); listed for documentation only."""
 
 _ABSENT = "<absent>"
 

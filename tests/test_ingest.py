@@ -19,8 +19,6 @@ from pipeline.shards import (
     ShardError,
     decode_sample,
     load_manifest,
-    shard_id_from_path,
-    shard_paths,
     verify_shards,
 )
 from stages import ingest
@@ -48,7 +46,7 @@ def read_samples(path: str) -> list[dict[str, bytes]]:
 
 
 def all_samples(manifest, split):
-    return [s for p in shard_paths(manifest, split) for s in read_samples(p)]
+    return [s for p in manifest.shard_paths(split) for s in read_samples(p)]
 
 
 def idx_arrays(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -412,10 +410,10 @@ def test_shards_read_back_with_webdataset(tmp_path, idx_root):
     m = load_manifest(ingest.run(idx_config(tmp_path, idx_root), progress=False))
     for split, n in (("train", 25), ("val", 12)):
         seen = []
-        for sample in wds.WebDataset(shard_paths(m, split), shardshuffle=False, empty_check=False):
+        for sample in wds.WebDataset(m.shard_paths(split), shardshuffle=False, empty_check=False):
             index, label, image = decode_sample(sample)
             assert 0 <= label < m.num_classes and image.mode == "L" and image.size == (28, 28)
-            start, end = m.ranges(split)[shard_id_from_path(m, split, sample["__url__"])]
+            start, end = m.ranges(split)[m.shard_id_from_path(split, sample["__url__"])]
             assert start <= index < end
             seen.append(index)
         assert seen == list(range(n))
@@ -449,7 +447,7 @@ def test_manifest_is_canonical_json_without_timestamps(tmp_path, idx_root):
 def test_verify_shards_detects_a_changed_shard(tmp_path, idx_root):
     m = load_manifest(ingest.run(idx_config(tmp_path, idx_root), progress=False))
     verify_shards(m, "train")
-    path = Path(shard_paths(m, "train")[1])
+    path = Path(m.shard_paths("train")[1])
     raw = bytearray(path.read_bytes())
     raw[600] ^= 0xFF
     path.write_bytes(bytes(raw))

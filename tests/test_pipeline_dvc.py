@@ -62,6 +62,12 @@ def test_dvc_repro_runs_every_stage(repo):
     work, _ = repo
     metrics = json.loads((work / "runs" / "eval" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"teacher", "none", "soft", "hard"}
+    models = metrics["models"]
+    assert models["none"]["head"] == "cls" and models["none"]["top1"] == models["none"]["cls_top1"]
+    assert models["hard"]["head"] == "fused" and models["hard"]["top1"] == models["hard"]["fused_top1"]
+    assert metrics["disagreement"]["teacher"]["teacher"] == 0.0
+    gt_vs_teacher = metrics["disagreement"]["ground truth"]["teacher"]
+    assert abs(gt_vs_teacher - (1 - models["teacher"]["top1"])) < 1e-6
     assert (work / "runs" / "eval" / "results.md").read_text().startswith("# Results")
     assert (work / "runs" / "audit" / "audit.json").is_file()
     assert (work / "dvc.lock").is_file()
