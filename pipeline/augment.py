@@ -3,21 +3,30 @@
 Grayscale inputs are converted to RGB before the PIL stage, because timm's RandAugment fills with a
 3-channel mean; a 1-channel model input then takes channel 0 back after ``ToTensor`` (colour ops on
 a replicated gray image keep the channels equal).
+
+For replay, every random draw must go through :mod:`pipeline.rng`'s per-view streams: timm's own
+transforms already draw through names it scopes; torchvision's flip is swapped for
+:class:`HorizontalFlip`, and any other transform (torchvision's ``ColorJitter``) is wrapped in
+:class:`TorchSeeded`.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
+from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import MaybeToTensor, str_to_interp_mode
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_interp_mode
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision import transforms
+from torchvision.transforms import functional as F
 
+from pipeline import rng
 from pipeline.config import AugConfig
-from pipeline.rng import sample_scope
 
 View = Callable[[Image.Image], torch.Tensor]
 
@@ -33,6 +42,49 @@ class _Channels:
 
     def __repr__(self) -> str:
         return f"Channels({self.n})"
+
+
+class HorizontalFlip:
+    """Flip with probability ``p``, drawing like timm's transforms do (see :data:`pipeline.rng.draws`)
+    rather than from torch's global generator as torchvision's flip does."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return F.hflip(img) if rng.draws.random() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"HorizontalFlip(p={self.p})"
+
+
+class TorchSeeded:
+    """Runs a transform that draws from torch's global generator (torchvision's ``ColorJitter``) on a
+    seed from the view's stream inside a view, and as is outside one."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Any) -> Any:
+        draws = rng.draws
+        if draws is random:
+            return self.transform(img)
+        with rng.torch_scope(draws.bits53()):
+            return self.transform(img)
+
+    def __repr__(self) -> str:
+        return f"TorchSeeded({self.transform!r})"
+
+
+# Transforms that draw only through the names pipeline.rng scopes (timm's ``random``/``np``).
+_SCOPED = (RandomResizedCropAndInterpolation, RandAugment, AutoAugment, AugMixAugment, MaybeToTensor,
+           transforms.ToTensor, transforms.Normalize, RandomErasing)
+
+
+def _replayable(t: Callable) -> Callable:
+    if isinstance(t, transforms.RandomHorizontalFlip):
+        return HorizontalFlip(t.p)
+    return t if isinstance(t, _SCOPED) else TorchSeeded(t)
 
 
 def _rgb_stats(values: tuple[float, ...]) -> tuple[float, ...]:
@@ -61,7 +113,8 @@ def train_transform(aug: AugConfig) -> transforms.Compose:
         re_prob=0.0,
         separate=True,
     )
-    return transforms.Compose([_to_rgb, *primary.transforms, *secondary.transforms, *_tensor_tail(aug, True)])
+    timm_part = [_replayable(t) for t in (*primary.transforms, *secondary.transforms)]
+    return transforms.Compose([_to_rgb, *timm_part, *_tensor_tail(aug, True)])
 
 
 def eval_transform(aug: AugConfig) -> transforms.Compose:
@@ -82,7 +135,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def seeded_view(transform: View, img: Image.Image, seed: int) -> torch.Tensor:
-    """Apply ``transform`` with every random draw taken from generators seeded by ``seed``."""
-    with sample_scope(seed):
+def seeded_view(transform: View, img: Image.Image, key: int) -> torch.Tensor:
+    """Apply ``transform`` with every random draw taken from the stream of ``key``
+    (:func:`pipeline.rng.view_keys`)."""
+    with rng.sample_scope(key):
         return transform(img)

@@ -2,7 +2,7 @@
 
 A view is a pure function of (image bytes, run seed, epoch, global index, augmentation config). The
 batch size, worker count, rank count, shard read order and process never enter it: per-sample draws
-come from ``derive_seed(TAG_VIEW, seed, epoch, index)`` and the mixing comes from the stored-epoch
+come from the stream ``view_keys(seed, epoch, index)`` and the mixing comes from the stored-epoch
 plan of the sample's shard. Mixed views need the partner's base view, which lives in the same
 window of the same shard, so a reader holds at most one window of base views.
 """
@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.augment import eval_transform, seeded_view, train_transform
 from pipeline.config import AugConfig
 from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, EpochPlan, epoch_plan, soft_target
-from pipeline.rng import TAG_SHUFFLE, TAG_VIEW, derive_seed
+from pipeline.rng import TAG_SHUFFLE, derive_seed, streams, view_key, view_keys, views_scope
 from pipeline.shards import Manifest, decode_sample
 
 
@@ -44,7 +44,22 @@ class ReplaySample(NamedTuple):
 
 def base_view(transform: Callable, img: Image.Image, seed: int, epoch: int, index: int) -> torch.Tensor:
     """The un-mixed augmented view of one sample in one epoch."""
-    return seeded_view(transform, img, derive_seed(TAG_VIEW, seed, epoch, index))
+    return seeded_view(transform, img, view_key(seed, epoch, index))
+
+
+def base_views(
+    transform: Callable, images: Iterable[Image.Image], seed: int, epoch: int, first: int, count: int
+) -> list[torch.Tensor]:
+    """The un-mixed views of the ``count`` consecutive indices from ``first``: equal to :func:`base_view`
+    of each, with the window's random streams set up in one vectorised pass. ``images`` may be lazy
+    (each is dropped once its view is made)."""
+    out = []
+    draws = streams(view_keys(seed, epoch, np.arange(first, first + count)))
+    with views_scope() as use:
+        for img, draw in zip(images, draws, strict=True):
+            use(draw)
+            out.append(transform(img))
+    return out
 
 
 def mix_views(
@@ -74,30 +89,37 @@ def replay_unit(
 ) -> Iterator[ReplaySample]:
     """Replay one (epoch, shard) unit from its samples in shard order, one window at a time."""
     start, window = plan.start, aug.window
-    views: list[torch.Tensor] = []
-    labels: list[int] = []
-    expected = start
-    for raw in samples:
+    it = iter(samples)
+    for first in range(start, end, window):
+        count = min(window, end - first)
+        labels: list[int] = []
+        views = base_views(transform, _decoded(it, first, count, labels, end, source), seed, plan.epoch, first, count)
+        w0 = first - start
+        for j in range(count):
+            i = w0 + j
+            p = int(plan.partner[i]) - first
+            kind, lam = int(plan.kind[i]), float(plan.lam[i])
+            view = mix_views(views[j], views[p], kind, lam, plan.box[i])
+            target = soft_target(labels[j], labels[p], lam, num_classes, aug.smoothing)
+            yield ReplaySample(plan.epoch, first + j, view, torch.from_numpy(target), labels[j], first + p, kind, lam)
+    extra = sum(1 for _ in it)
+    if extra:
+        raise ReplayError(f"{source}: {extra} more sample(s) after index {end - 1}, where the manifest ends the shard")
+
+
+def _decoded(
+    it: Iterator[dict], first: int, count: int, labels: list[int], end: int, source: str
+) -> Iterator[Image.Image]:
+    """The images of indices first .. first + count - 1 from ``it``, checked; their labels go to ``labels``."""
+    for expected in range(first, first + count):
+        raw = next(it, None)
+        if raw is None:
+            raise ReplayError(f"{source}: shard ended at index {expected}, the manifest says {end}")
         index, label, img = decode_sample(raw)
         if index != expected:
             raise ReplayError(f"{source}: expected sample index {expected}, found {index}")
-        views.append(base_view(transform, img, seed, plan.epoch, index))
         labels.append(label)
-        expected += 1
-        if len(views) == window or expected == end:
-            w0 = expected - len(views) - start
-            for j in range(len(views)):
-                i = w0 + j
-                p = int(plan.partner[i]) - start - w0
-                kind, lam = int(plan.kind[i]), float(plan.lam[i])
-                view = mix_views(views[j], views[p], kind, lam, plan.box[i])
-                target = soft_target(labels[j], labels[p], lam, num_classes, aug.smoothing)
-                partner = start + w0 + p
-                yield ReplaySample(plan.epoch, start + i, view, torch.from_numpy(target), labels[j], partner, kind, lam)
-            views.clear()
-            labels.clear()
-    if expected != end:
-        raise ReplayError(f"{source}: shard ended at index {expected}, the manifest says {end}")
+        yield img
 
 
 def eval_unit(

@@ -1,27 +1,40 @@
 """Explicit seeds for every random choice, and per-sample scoping of the draws timm makes globally.
 
-timm's transforms draw from the global ``random`` and ``numpy.random`` modules, and torchvision's
-and timm's tensor ops from torch's default CPU generator. The replay contract needs each view to be
-a pure function of (seed, epoch, index), and the training loop needs its own global RNG streams left
-alone. Saving and restoring all three global states per sample costs ~90 µs, a third of a 32 px
-view, so instead, for the duration of one view:
+timm's transforms draw from the global ``random`` and ``numpy.random`` modules. The replay contract
+needs each view to be a pure function of (seed, epoch, index), and the training loop needs its own
+global RNG streams left alone; and a 28 px view takes ~130 µs, so the determinism must cost only a
+few µs per view. Re-seeding Python's Mersenne Twister, NumPy's and torch's per sample cost ~37 µs
+(the transform evicts the seeding code from the caches between views), so instead:
 
-* the ``random`` and ``numpy`` names inside timm's transform modules are pointed at generators
-  seeded for the sample (and pointed back afterwards), so timm draws from them with no overhead;
-* torch's default CPU generator is seeded for the sample and restored afterwards (~2 µs).
+* every view draws from its own SplitMix64 stream, keyed by (seed, epoch, index). The first
+  ``STREAM_HEAD`` uniforms of a window's streams are computed in one vectorised NumPy pass; a view
+  that needs more continues its stream in Python, with the very same numbers;
+* for the duration of a window of views, the ``random`` and ``numpy`` names inside timm's transform
+  modules point at :class:`SampleRandom`, a stand-in with the methods timm calls (``random``, ``uniform``,
+  ``randint``, ``choice``, ``gauss``; NumPy's ``choice``), and anything else is served by a Mersenne
+  Twister seeded from the stream on first use;
+* random-erasing noise, which timm draws from torch's generator, comes from a ``torch.Generator``
+  seeded from the stream; the flip is the project's own (:class:`pipeline.augment.HorizontalFlip`,
+  drawing from :data:`draws`), and other transforms that use torch's global generator
+  (torchvision's ``ColorJitter``) run under :func:`torch_scope`, which seeds it and restores it.
 
 The global ``random`` and ``numpy`` states are never touched; torch's is back where it was. Scopes
-are serialised by a lock, so threads cannot see each other's generators.
+are serialised by a lock, so threads cannot see each other's streams; a timm transform run *outside*
+a scope in another thread while a window is being made would draw from it, so views are made only
+through :func:`views_scope` (DataLoader workers are processes, each with its own modules).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
+from itertools import chain
 from types import ModuleType
 from typing import Any
 
@@ -36,46 +49,246 @@ TAG_VIEW = 1
 TAG_PLAN = 2
 TAG_SHUFFLE = 3
 
+STREAM_HEAD = 32
+"""Uniforms per view drawn in the vectorised pass. A 224 px DeiT view (crop, flip, RandAugment with
+two ops and magnitude noise, erasing) draws 14 on average, 24 at most over 300 views."""
+
+STREAM_VERSION = 2
+"""Bumped whenever the numbers a view draws change; stored in the teacher store's provenance."""
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_TO_UNIT = 2.0**-53
+
 
 def derive_seed(tag: int, *words: int) -> int:
     """A 63-bit seed that is a pure, platform-independent function of its integer arguments."""
-    packed = struct.pack(f"<{len(words) + 1}Q", tag, *(w & 0xFFFFFFFFFFFFFFFF for w in words))
+    packed = struct.pack(f"<{len(words) + 1}Q", tag, *(w & _MASK for w in words))
     return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
 
 
-class _ScopedNumpy:
-    """Stands in for ``numpy`` inside timm during a scope: ``np.random`` is the sample's generator."""
+def _mix(z: int) -> int:
+    """SplitMix64's output function (Python ints)."""
+    z = ((z ^ (z >> 30)) * _M1) & _MASK
+    z = ((z ^ (z >> 27)) * _M2) & _MASK
+    return z ^ (z >> 31)
+
+
+def _mix_array(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 arrays (which wrap modulo 2**64, like the masks above)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_M2)
+    return z ^ (z >> np.uint64(31))
+
+
+def view_keys(seed: int, epoch: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+    """The stream keys (uint64) of the views of ``indices`` in ``epoch``: SplitMix64 outputs at the
+    indices of a stream seeded by (seed, epoch), so a key depends on nothing but (seed, epoch, index)."""
+    base = np.uint64(derive_seed(TAG_VIEW, seed, epoch))
+    steps = (np.asarray(indices, dtype=np.int64).astype(np.uint64) + np.uint64(1)) * np.uint64(_GOLDEN)
+    return _mix_array(base + steps)
+
+
+def view_key(seed: int, epoch: int, index: int) -> int:
+    """:func:`view_keys` for one index."""
+    return int(view_keys(seed, epoch, [index])[0])
+
+
+def stream_heads(keys: np.ndarray, n: int = STREAM_HEAD) -> np.ndarray:
+    """The first ``n`` uniforms in [0, 1) of each key's stream (float64, one row per key)."""
+    steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
+    z = _mix_array(np.asarray(keys, dtype=np.uint64)[:, None] + steps[None, :])
+    return (z >> np.uint64(11)).astype(np.float64) * _TO_UNIT
+
+
+Stream = Callable[[], float]
+"""Returns the next uniform in [0, 1) of one view's stream (a C ``__next__``: ~30 ns a draw)."""
+
+
+def streams(keys: np.ndarray, n: int = STREAM_HEAD) -> list[Stream]:
+    """The streams of many views, their first ``n`` uniforms computed in one vectorised pass.
+
+    Each iterates a ``memoryview`` slice of the heads, so a Python float is made only when drawn (a
+    window's worth of float objects up front slows the transforms ~3%), then goes on in Python.
+    """
+    heads = memoryview(stream_heads(keys, n).ravel())
+    return [chain(heads[j * n : (j + 1) * n], _stream_tail(k, n)).__next__ for j, k in enumerate(keys.tolist())]
+
+
+def stream(key: int) -> Stream:
+    """The stream of one view (equal to its entry in :func:`streams`)."""
+    return _stream_tail(key, 0).__next__
+
+
+def _stream_tail(key: int, start: int) -> Iterator[float]:
+    """Uniforms ``start``, ``start + 1``, ... of ``key``'s stream: the same numbers as
+    :func:`stream_heads` would give there."""
+    j = start
+    while True:
+        j += 1
+        yield (_mix((key + j * _GOLDEN) & _MASK) >> 11) * _TO_UNIT
+
+
+def _no_stream() -> float:
+    raise RuntimeError("a random draw outside a view: call use(stream) first (pipeline.rng.views_scope)")
+
+
+class SampleRandom:
+    """The ``random`` module as timm's transforms use it, drawing from one view's stream.
+
+    ``random`` is a bound C ``__next__`` over the stream, so a draw costs ~30 ns. Integers and choices
+    scale a 53-bit uniform (bias below 2**-40 for any range a transform uses). Methods timm does not
+    call today are answered by a Mersenne Twister seeded from the stream when first asked.
+    """
+
+    random: Stream
+    _owner: Stream | None = None  # the stream the fallbacks below were seeded from
+    _mt: random.Random | None = None
+    _nps: np.random.RandomState | None = None
 
     def __init__(self) -> None:
-        self.random = np.random.RandomState()
+        self.random = _no_stream
+        # Switching views is one C-level attribute store; the fallbacks notice the new stream.
+        self.use: Callable[[Stream], None] = partial(setattr, self, "random")
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.random()
+
+    def randint(self, a: int, b: int) -> int:
+        if b < a:
+            raise ValueError(f"empty range for randint({a}, {b})")
+        return a + int(self.random() * (b - a + 1))
+
+    def choice(self, seq: Sequence[Any]) -> Any:
+        if not seq:
+            raise IndexError("cannot choose from an empty sequence")
+        return seq[int(self.random() * len(seq))]
+
+    def gauss(self, mu: float = 0.0, sigma: float = 1.0) -> float:
+        u1, u2 = self.random(), self.random()
+        return mu + sigma * math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2)
+
+    def bits53(self) -> int:
+        """A 53-bit integer from one draw, to seed other generators."""
+        return int(self.random() * 9007199254740992.0)
+
+    def _fresh(self) -> None:
+        if self._owner is not self.random:
+            self._owner, self._mt, self._nps = self.random, None, None
+
+    def mersenne(self) -> random.Random:
+        """A Mersenne Twister seeded from this view's stream (made on first use per view)."""
+        self._fresh()
+        if self._mt is None:
+            self._mt = random.Random(self.bits53())
+        return self._mt
+
+    def numpy_state(self) -> np.random.RandomState:
+        """A NumPy ``RandomState`` seeded from this view's stream (made on first use per view)."""
+        self._fresh()
+        if self._nps is None:
+            seed = self.bits53()
+            self._nps = np.random.RandomState([seed & 0xFFFFFFFF, seed >> 32])
+        return self._nps
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.mersenne(), name)
+
+
+class _NumpyRandom:
+    """``np.random`` as timm's RandAugment uses it (unweighted op choice); the rest from the stream's
+    NumPy fallback."""
+
+    def __init__(self, draws: SampleRandom) -> None:
+        self._draws = draws
+
+    def choice(self, a: Any, size: Any = None, replace: bool = True, p: Any = None) -> Any:
+        if replace and p is None and isinstance(size, int) and isinstance(a, (list, tuple)):
+            r, n = self._draws.random, len(a)
+            return [a[int(r() * n)] for _ in range(size)]
+        return self._draws.numpy_state().choice(a, size, replace, p)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._draws.numpy_state(), name)
+
+
+class _ScopedNumpy:
+    """Stands in for ``numpy`` inside timm during a scope: ``np.random`` is the view's stream."""
+
+    def __init__(self, draws: SampleRandom) -> None:
+        self.random = _NumpyRandom(draws)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(np, name)
 
 
+def _erasing_pixels(per_pixel: bool, rand_color: bool, patch_size: Any, dtype: torch.dtype = torch.float32,
+                    device: Any = "cuda") -> torch.Tensor:
+    """timm's ``random_erasing._get_pixels`` with the normal noise drawn from the view's stream."""
+    if not (per_pixel or rand_color):
+        return torch.zeros((patch_size[0], 1, 1), dtype=dtype, device=device)
+    gen = _generators.get(device)
+    if gen is None:
+        gen = _generators[device] = torch.Generator(device=device)
+    gen.manual_seed(_draws.bits53())
+    shape = patch_size if per_pixel else (patch_size[0], 1, 1)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(generator=gen)
+
+
 _MODULES: tuple[ModuleType, ...] = (auto_augment, random_erasing, timm_transforms)
 _lock = threading.Lock()
-_py = random.Random()
-_np = _ScopedNumpy()
+_draws = SampleRandom()
+_np = _ScopedNumpy(_draws)
+_timm_pixels = random_erasing._get_pixels
+_generators: dict[Any, torch.Generator] = {}  # one per device, re-seeded per use (under the lock)
+
+draws: Any = random
+"""What the project's own random transforms draw from: the global ``random`` module, or the view's
+:class:`SampleRandom` inside :func:`sample_scope` (as timm's modules do)."""
 
 
 @contextmanager
-def sample_scope(seed: int) -> Iterator[None]:
-    """Route every random draw of timm/torchvision transforms to generators seeded with ``seed``."""
+def views_scope() -> Iterator[Callable[[Stream], None]]:
+    """Route every random draw of timm's transforms (and ours) to :class:`SampleRandom` for a block of
+    views; the block calls the yielded ``use(stream)`` before each view to switch to its stream."""
+    global draws
     modules = _MODULES
-    gen = torch.default_generator
     with _lock:
-        _py.seed(seed)
-        _np.random.seed(seed & 0xFFFFFFFF)  # 32 bits: only RandAugment's op choice (15 ops) draws from it
-        saved = gen.get_state()
-        gen.manual_seed(seed)
         for mod in modules:
-            mod.random = _py
+            mod.random = _draws
         auto_augment.np = _np
+        random_erasing._get_pixels = _erasing_pixels
+        draws = _draws
         try:
-            yield
+            yield _draws.use
         finally:
+            draws = random
+            random_erasing._get_pixels = _timm_pixels
+            auto_augment.np = np
             for mod in modules:
                 mod.random = random
-            auto_augment.np = np
-            gen.set_state(saved)
+
+
+@contextmanager
+def sample_scope(key: int) -> Iterator[None]:
+    """:func:`views_scope` for the one view of ``key``."""
+    with views_scope() as use:
+        use(stream(key))
+        yield
+
+
+@contextmanager
+def torch_scope(seed: int) -> Iterator[None]:
+    """Seed torch's default CPU generator for the block and put its state back afterwards."""
+    gen = torch.default_generator
+    saved = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        yield
+    finally:
+        gen.set_state(saved)

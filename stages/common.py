@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from pipeline.config import Config
+from pipeline.rng import STREAM_VERSION
 from pipeline.shards import Manifest
 
 VERSIONED = ("torch", "timm", "zarr", "numcodecs", "webdataset", "numpy", "pillow")
@@ -38,6 +39,7 @@ def store_provenance(cfg: Config, manifest: Manifest, teacher_sha256: str) -> di
         "teacher_sha256": teacher_sha256,
         "teacher_small_stem": cfg.teacher.small_stem,
         "aug_hash": cfg.section_hash("aug"),
+        "view_stream": STREAM_VERSION,
         "seed": cfg.seed,
         "epochs": cfg.teacher.epochs,
         "topk": cfg.teacher.topk,

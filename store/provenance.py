@@ -21,6 +21,7 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "teacher_sha256",
     "teacher_small_stem",
     "aug_hash",
+    "view_stream",
     "seed",
     "epochs",
     "topk",

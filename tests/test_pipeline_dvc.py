@@ -46,6 +46,7 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     work = tmp / "repo"
     (work / "configs").mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     (work / "configs" / "demo.yaml").write_text(yaml.safe_dump(_tiny_config(idx)))
     (work / ".gitignore").write_text("/data/\n/runs/\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -89,3 +90,19 @@ def test_dvc_exp_run_with_a_changed_param_reruns_only_what_it_touches(repo):
     assert "Running stage 'evaluate'" in out.stdout
     assert "Running stage 'teacher'" not in out.stdout
     assert "Running stage 'student@hard'" not in out.stdout
+
+
+def test_a_change_to_the_view_code_makes_the_stages_that_use_views_stale(repo):
+    work, env = repo
+    dvc = str(Path(sys.executable).parent / "dvc")
+    code = work / "pipeline" / "rng.py"
+    original = code.read_text()
+    code.write_text(original + "\n# a change to how views are drawn\n")
+    try:
+        out = _run([dvc, "status"], work, env).stdout
+    finally:
+        code.write_text(original)
+    for stage in ("teacher-fit:", "teacher:", "student@none:", "student@hard:"):
+        assert stage in out
+    assert "ingest:" not in out and "evaluate:" not in out
+    assert "up to date" in _run([dvc, "status"], work, env).stdout

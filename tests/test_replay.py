@@ -186,3 +186,16 @@ def test_out_of_order_shard_is_refused(shards):
     with pytest.raises(ReplayError, match="expected sample index"):
         list(replay_unit(samples, plan, end, transform=train_transform(cfg.aug), aug=cfg.aug,
                          seed=cfg.seed, num_classes=m.num_classes))
+
+
+@pytest.mark.parametrize(("change", "message"), [("drop", "shard ended at index"), ("extra", "more sample")])
+def test_shard_shorter_or_longer_than_the_manifest_is_refused(shards, change, message):
+    cfg, path = shards
+    m = load_manifest(path)
+    start, end = m.ranges("train")[1]
+    plan = epoch_plan(cfg.aug, cfg.seed, 0, 1, start, end)
+    samples = list(read_shard(m.shard_paths("train")[1]))
+    samples = samples[:-1] if change == "drop" else samples + samples[-1:]
+    with pytest.raises(ReplayError, match=message):
+        list(replay_unit(samples, plan, end, transform=train_transform(cfg.aug), aug=cfg.aug,
+                         seed=cfg.seed, num_classes=m.num_classes))
