@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{(1 - m['ratio']) * 100:>7.1f}%", flush=True)
     print("target: replay/global >= 0.95 (determinism costs at most 5%)")
     print("(with RandAugment the replay side is faster: its op choice is a list comprehension over the view's")
-    print(" stream, where timm's draws it with np.random.choice, ~10-20 us a view)")
+    print(" stream, where timm's draws it with np.random.choice: ~45 us a view at 32 px, measured in place)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The replay contract: a view is a pure function of (image, seed, epoch, index, aug config)."""
+"""The replay contract: a view is a pure function of (image, seed, epoch, index, aug config).
+
+Scoping of global RNGs and the per-view streams are tested in test_rng.py."""
 
 from __future__ import annotations
 
 import hashlib
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_idx
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.augment import seeded_view, train_transform
+from pipeline.augment import train_transform
 from pipeline.config import AugConfig, Config
 from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE, epoch_plan, soft_target
 from pipeline.replay import ReplayDataset, ReplayError, mix_views, read_shard, replay_unit
@@ -153,27 +153,6 @@ def test_stream_targets_match_plan_labels(shards):
         assert abs(float(s.target.sum()) - 1.0) < 1e-5
         expect = soft_target(s.label, samples[s.partner].label, s.lam, m.num_classes, cfg.aug.smoothing)
         assert np.allclose(s.target.numpy(), expect)
-
-
-def test_building_a_view_leaves_global_rng_states_unchanged():
-    aug = AugConfig.model_validate(AUG)
-    transform = train_transform(aug)
-    img = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
-    py, npy, tch = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    for seed in range(20):
-        seeded_view(transform, img, seed)
-    assert random.getstate() == py
-    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), npy, strict=True))
-    assert torch.equal(torch.get_rng_state(), tch)
-
-
-def test_same_seed_same_view_and_global_draws_do_not_leak_in():
-    aug = AugConfig.model_validate(AUG)
-    transform = train_transform(aug)
-    img = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
-    a = seeded_view(transform, img, 11)
-    random.random(), np.random.random(), torch.rand(3)
-    assert torch.equal(a, seeded_view(transform, img, 11))
 
 
 def test_out_of_order_shard_is_refused(shards):

@@ -75,6 +75,7 @@ def test_methods_timm_does_not_use_come_from_a_per_view_fallback():
 
 RECIPES = {
     "randaugment": {},
+    "gray-1-channel": {"channels": 1, "mean": [0.5], "std": [0.25], "hflip": 0.5},
     "weighted-randaugment": {"auto_augment": "rand-m9-mstd0.5-inc1-tweights"},
     "augmix": {"auto_augment": "augmix-m5-w3-d2"},
     "colour-jitter": {"auto_augment": None, "color_jitter": 0.4, "interpolation": "random"},
