@@ -131,3 +131,26 @@ def test_stream_numbers_are_pinned_to_the_stream_version():
     key = rng.view_key(0, 0, 0)
     assert key == 16679125797944604058
     assert _draws(rng.stream(key), 3) == [0.8982557413191086, 0.5593947302264066, 0.8274541740468382]
+
+
+def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+def test_replayed_views_are_distributed_like_timm_on_global_rngs():
+    aug = AugConfig.model_validate({"img_size": 16, "reprob": 0.5})
+    transform = train_transform(aug)
+    images = [_image(24)] * 1500
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    plain = torch.stack([transform(img) for img in images])
+    replay = torch.stack(base_views(transform, images, 0, 0, 0, len(images)))
+    crit = 1.63 * np.sqrt(2 / len(images))  # KS at the 1% level
+    stats = (
+        lambda v: v.mean((1, 2, 3)),
+        lambda v: v.std((1, 2, 3)),
+        lambda v: (v[..., 1:] - v[..., :-1]).abs().mean((1, 2, 3)),  # sharpness: crop scale, resampling
+    )
+    for stat in stats:
+        assert _ks_distance(stat(plain).numpy(), stat(replay).numpy()) < crit
