@@ -28,8 +28,6 @@ from torchvision.transforms import functional as F
 from pipeline import rng
 from pipeline.config import AugConfig
 
-View = Callable[[Image.Image], torch.Tensor]
-
 
 class _Channels:
     """Keep the first ``n`` channels of a CHW tensor (1 for gray models)."""
@@ -134,9 +132,3 @@ def eval_transform(aug: AugConfig) -> transforms.Compose:
 def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
-
-def seeded_view(transform: View, img: Image.Image, key: int) -> torch.Tensor:
-    """Apply ``transform`` with every random draw taken from the stream of ``key``
-    (:func:`pipeline.rng.view_keys`)."""
-    with rng.sample_scope(key):
-        return transform(img)

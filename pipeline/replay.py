@@ -18,11 +18,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.augment import eval_transform, seeded_view, train_transform
+from pipeline.augment import eval_transform, train_transform
 from pipeline.config import AugConfig
 from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, EpochPlan, epoch_plan, soft_target
-from pipeline.rng import TAG_SHUFFLE, derive_seed, streams, view_key, view_keys, views_scope
-from pipeline.shards import Manifest, decode_sample
+from pipeline.rng import TAG_SHUFFLE, derive_seed, streams, view_keys, views_scope
+from pipeline.shards import Manifest, decode_sample, sample_index
 
 
 class ReplayError(RuntimeError):
@@ -44,7 +44,7 @@ class ReplaySample(NamedTuple):
 
 def base_view(transform: Callable, img: Image.Image, seed: int, epoch: int, index: int) -> torch.Tensor:
     """The un-mixed augmented view of one sample in one epoch."""
-    return seeded_view(transform, img, view_key(seed, epoch, index))
+    return base_views(transform, [img], seed, epoch, index, 1)[0]
 
 
 def base_views(
@@ -242,7 +242,7 @@ def replay_indices(
     needed = wanted | {int(plan.partner[i - start]) for i in wanted}
     base: dict[int, torch.Tensor] = {}
     for raw in samples:
-        if int(bytes(raw.get("idx", b"-1")).decode("ascii")) not in needed:
+        if sample_index(raw) not in needed:  # skip decoding the images not needed
             continue
         index, _, img = decode_sample(raw)
         base[index] = base_view(transform, img, seed, plan.epoch, index)

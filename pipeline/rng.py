@@ -90,11 +90,6 @@ def view_keys(seed: int, epoch: int, indices: np.ndarray | Sequence[int]) -> np.
     return _mix_array(base + steps)
 
 
-def view_key(seed: int, epoch: int, index: int) -> int:
-    """:func:`view_keys` for one index."""
-    return int(view_keys(seed, epoch, [index])[0])
-
-
 def stream_heads(keys: np.ndarray, n: int = STREAM_HEAD) -> np.ndarray:
     """The first ``n`` uniforms in [0, 1) of each key's stream (float64, one row per key)."""
     steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
@@ -114,11 +109,6 @@ def streams(keys: np.ndarray, n: int = STREAM_HEAD) -> list[Stream]:
     """
     heads = memoryview(stream_heads(keys, n).ravel())
     return [chain(heads[j * n : (j + 1) * n], _stream_tail(k, n)).__next__ for j, k in enumerate(keys.tolist())]
-
-
-def stream(key: int) -> Stream:
-    """The stream of one view (equal to its entry in :func:`streams`)."""
-    return _stream_tail(key, 0).__next__
 
 
 def _stream_tail(key: int, start: int) -> Iterator[float]:
@@ -249,7 +239,7 @@ _generators: dict[Any, torch.Generator] = {}  # one per device, re-seeded per us
 
 draws: Any = random
 """What the project's own random transforms draw from: the global ``random`` module, or the view's
-:class:`SampleRandom` inside :func:`sample_scope` (as timm's modules do)."""
+:class:`SampleRandom` inside :func:`views_scope` (as timm's modules do)."""
 
 
 @contextmanager
@@ -272,14 +262,6 @@ def views_scope() -> Iterator[Callable[[Stream], None]]:
             auto_augment.np = np
             for mod in modules:
                 mod.random = random
-
-
-@contextmanager
-def sample_scope(key: int) -> Iterator[None]:
-    """:func:`views_scope` for the one view of ``key``."""
-    with views_scope() as use:
-        use(stream(key))
-        yield
 
 
 @contextmanager

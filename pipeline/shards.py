@@ -333,6 +333,13 @@ def _as_int(v: Any, name: str, key: Any) -> int:
         raise ShardError(f"sample {key!r}: field {name!r} is not an integer: {v!r}") from None
 
 
+def sample_index(sample: dict[str, Any]) -> int:
+    """The global index of a raw webdataset sample, without decoding its image."""
+    if "idx" not in sample:
+        raise ShardError(f"sample {sample.get('__key__')!r} from {sample.get('__url__')}: missing 'idx' field")
+    return _as_int(sample["idx"], "idx", sample.get("__key__"))
+
+
 def decode_sample(sample: dict[str, Any]) -> tuple[int, int, Image.Image]:
     """``(index, label, image)`` from a raw (undecoded) webdataset sample.
 
@@ -341,7 +348,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[int, int, Image.Image]:
     key = sample.get("__key__")
     if "idx" not in sample or "cls" not in sample:
         raise ShardError(f"sample {key!r} from {sample.get('__url__')}: missing 'idx' or 'cls' field")
-    index = _as_int(sample["idx"], "idx", key)
+    index = sample_index(sample)
     label = _as_int(sample["cls"], "cls", key)
     for ext in IMAGE_FIELDS:
         if ext in sample:

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from pipeline.augment import train_transform
 from pipeline.config import AugConfig, Config
 from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE, epoch_plan, soft_target
-from pipeline.replay import ReplayDataset, ReplayError, mix_views, read_shard, replay_unit
-from pipeline.shards import load_manifest
+from pipeline.replay import ReplayDataset, ReplayError, mix_views, read_shard, replay_indices, replay_unit
+from pipeline.shards import ShardError, load_manifest
 from stages import ingest
 
 AUG = {
@@ -178,3 +178,14 @@ def test_shard_shorter_or_longer_than_the_manifest_is_refused(shards, change, me
     with pytest.raises(ReplayError, match=message):
         list(replay_unit(samples, plan, end, transform=train_transform(cfg.aug), aug=cfg.aug,
                          seed=cfg.seed, num_classes=m.num_classes))
+
+
+def test_a_sample_with_a_non_integer_index_is_refused_by_name(shards):
+    cfg, path = shards
+    m = load_manifest(path)
+    start, end = m.ranges("train")[0]
+    plan = epoch_plan(cfg.aug, cfg.seed, 0, 0, start, end)
+    samples = list(read_shard(m.shard_paths("train")[0]))
+    samples[2] = {**samples[2], "idx": b"x2"}
+    with pytest.raises(ShardError, match="field 'idx' is not an integer: 'x2'"):
+        replay_indices(samples, plan, [start], transform=train_transform(cfg.aug), seed=cfg.seed)
