@@ -228,8 +228,9 @@ def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
 
 @main.command()
 @config_options
-@click.option("--top", type=int, default=20, show_default=True, help="Rows in the most-confused and suspect lists.")
-@click.option("--threshold", type=float, default=0.9, show_default=True,
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Rows in the most-confused and suspect lists.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
               help="Teacher probability above which a contradicted label counts as a suspect.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder (default: runs/audit beside evaluate.output).")

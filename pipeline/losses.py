@@ -21,7 +21,7 @@ so the loss cannot tell them apart.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,11 @@ class TeacherTargets:
     log_probs: torch.Tensor | None
     """(B, C) float32 teacher log-probabilities at temperature ``tau``; None when not needed."""
     tau: float | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTargets:
+        """The same targets on ``device``."""
+        lp = None if self.log_probs is None else self.log_probs.to(device, non_blocking=non_blocking)
+        return replace(self, hard_label=self.hard_label.to(device, non_blocking=non_blocking), log_probs=lp)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pandas as pd
 
 import store
 from pipeline.config import Config
-from pipeline.shards import ShardError, open_shards, sample_key, shard_name
+from pipeline.shards import MANIFEST_NAME, Manifest, load_manifest, open_shards, sample_key, shard_name
 
 __all__ = [
     "AuditTables",
@@ -523,15 +523,21 @@ def write_report(
 # The stage
 
 
+def run_manifest(shards: Path | str, n_train_shards: int) -> Manifest:
+    """The manifest a teacher run used, from the shard folder and the store's train shard count
+    (``data.train_shards`` cuts the manifest, and the cut has its own fingerprint)."""
+    return load_manifest(shards).first_train_shards(n_train_shards)
+
+
 def _manifest_info(cfg: Config) -> tuple[list[str] | None, list[str] | None, list[str] | None, dict[str, Any]]:
     """(class names, train shard files, val shard files, expected provenance) from the shard manifest.
 
     A missing manifest is not fatal (the store alone holds the figures): names fall back to class ids.
+    A manifest that is there but broken is an error.
     """
-    try:
-        m = open_shards(cfg)
-    except ShardError:
+    if not (Path(cfg.data.shards) / MANIFEST_NAME).is_file():
         return None, None, None, {}
+    m = open_shards(cfg)
     return (
         list(m.classes),
         [s.file for s in m.shards("train")],

@@ -113,8 +113,8 @@ def run(
     join, online, teacher_id = None, None, "none"
     if kind != "none":
         cfg = resolve_teacher(cfg)
-        teacher_id = teacher_identity(cfg.teacher)
         if mode == "offline":
+            teacher_id = teacher_identity(cfg.teacher)
             prov = store_provenance(cfg, manifest, teacher_id)
             group = store.open_store(cfg.store.path, expected=prov)
             missing = np.argwhere(~store.done_mask(group))
@@ -126,7 +126,7 @@ def run(
                 )
             join = StoreJoin(cfg.store.path)
         else:
-            online, _ = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=cfg.aug.channels)
+            online, teacher_id = load_teacher(cfg.teacher, num_classes=num_classes, in_chans=cfg.aug.channels)
             online.to(dev).eval()
             if dev.type == "cuda":
                 online.to(memory_format=torch.channels_last)
@@ -140,8 +140,8 @@ def run(
     lr = sc.lr * sc.batch_size * env.world / 512
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=sc.weight_decay)
     ranges = manifest.ranges("train")
-    steps = [steps_per_epoch(ranges, _epoch_units(cfg, len(ranges), t), env.world, workers, sc.batch_size)
-             for t in range(sc.epochs)]
+    epoch_units = [_epoch_units(cfg, len(ranges), t) for t in range(sc.epochs)]
+    steps = [steps_per_epoch(ranges, units, env.world, workers, sc.batch_size) for units in epoch_units]
     if min(steps) == 0:
         raise StageError(
             f"student.batch_size {sc.batch_size} x {env.world} rank(s) x {max(workers, 1)} worker(s) leaves no full "
@@ -158,7 +158,8 @@ def run(
     start_epoch, global_step, history = 0, 0, []
     if ckpt_path.is_file() and not restart:
         try:
-            ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+            # On the CPU: the saved RNG states must stay CPU tensors; load_state_dict moves the rest.
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise StageError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: {e}); "
                              "use --restart to start afresh") from e
@@ -183,15 +184,13 @@ def run(
     val_ds = ReplayDataset(manifest, cfg.aug, cfg.seed, [(0, s) for s in range(len(manifest.ranges("val")))],
                            split="val")
     last = sc.epochs if until_epoch is None else min(sc.epochs, until_epoch)
-    summary: dict[str, Any] = {}
     for epoch in range(start_epoch, last):
-        units = _epoch_units(cfg, len(ranges), epoch)
-        ds = ReplayDataset(manifest, cfg.aug, cfg.seed, units, rank=env.rank, world=env.world,
+        ds = ReplayDataset(manifest, cfg.aug, cfg.seed, epoch_units[epoch], rank=env.rank, world=env.world,
                            shuffle=sc.shuffle, join=join, order_epoch=epoch)
         loader = DataLoader(ds, batch_size=sc.batch_size, num_workers=workers, drop_last=True,
                             pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
         model.train()
-        sums = {"loss": 0.0, "base": 0.0, "distill": 0.0}
+        sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("loss", "base", "distill")}
         t0 = time.perf_counter()
         it = iter(loader)
         with progress_bar(steps[epoch], f"student[{kind}] epoch {epoch + 1}/{sc.epochs}", "step",
@@ -201,10 +200,10 @@ def run(
                 x, y = batch.view.to(dev, non_blocking=True), batch.target.to(dev, non_blocking=True)
                 teacher = None
                 if kind != "none" and online is None:
-                    teacher = teacher_targets_from_store(
+                    teacher = teacher_targets_from_store(  # checked and built on the CPU, then moved
                         batch.t_logits, batch.t_classes, batch.t_lse, batch.t_hard, num_classes, sc.tau,
-                        need_soft, device=dev,
-                    )
+                        need_soft,
+                    ).to(dev, non_blocking=True)
                 elif kind != "none":
                     teacher = teacher_targets_from_logits(teacher_forward(online, x, dev, to_cpu=False), sc.tau,
                                                           need_soft)
@@ -222,15 +221,16 @@ def run(
                 if ema is not None:
                     ema.update(model, step=global_step)
                 for k, v in (("loss", parts.total), ("base", parts.base), ("distill", parts.distill)):
-                    sums[k] += float(v.detach())
+                    sums[k] += v.detach()
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", refresh=False)
+                if not bar.disable and step % 10 == 0:  # a GPU sync, so only now and then
+                    bar.set_postfix(loss=f"{float(sums['loss']) / step:.3f}", refresh=False)
         del it
         seconds = time.perf_counter() - t0
         n = steps[epoch]
         row: dict[str, Any] = {
-            "epoch": epoch + 1, "loss": sums["loss"] / n, "loss_base": sums["base"] / n,
-            "loss_distill": sums["distill"] / n, "lr": opt.param_groups[0]["lr"],
+            "epoch": epoch + 1, "loss": float(sums["loss"]) / n, "loss_base": float(sums["base"]) / n,
+            "loss_distill": float(sums["distill"]) / n, "lr": opt.param_groups[0]["lr"],
             "im_per_s": n * sc.batch_size * env.world / seconds,
         }
         evaluate = (epoch + 1) % sc.eval_every == 0 or epoch + 1 == sc.epochs
@@ -255,8 +255,7 @@ def run(
                 "student": sc.model_dump(mode="json"), "num_classes": num_classes,
                 "img_size": cfg.aug.img_size, "in_chans": cfg.aug.channels,
             }, ckpt_path)
-            summary = _summary(cfg, mode, history)
-            _write_outputs(out, history, summary)
+            _write_outputs(out, history, _summary(cfg, mode, history))
         distributed.barrier()
     distributed.teardown()
     return out

@@ -52,3 +52,10 @@ def test_cuda_on_a_machine_without_it_is_a_clean_error(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["verify", "--device", "cuda", "--set", f"data.shards={tmp_path}"])
     assert result.exit_code == 1
     assert "no CUDA device" in result.output and "Traceback" not in result.output
+
+
+def test_audit_options_out_of_range_are_clean_errors_naming_the_option():
+    for args, name in ((["--top", "0"], "--top"), (["--threshold", "1.5"], "--threshold")):
+        result = CliRunner().invoke(main, ["audit", *args])
+        assert result.exit_code == 2
+        assert name in result.output and "Traceback" not in result.output
