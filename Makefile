@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test lint bench fashion-mnist setup clean
+.PHONY: demo test bench fashion-mnist setup clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
-fashion-mnist:
+fashion-mnist: $(STAMP)
 	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
 	  echo "Fashion-MNIST: $(FMNIST)"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

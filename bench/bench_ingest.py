@@ -1,4 +1,5 @@
-"""Ingest throughput (images/s) on Fashion-MNIST IDX files into a temporary shards folder.
+"""Ingest throughput (images/s) on Fashion-MNIST IDX files into a temporary shards folder (generated
+IDX files of the same shape when Fashion-MNIST is not installed, or with --synthetic).
 
     .venv/bin/python bench/bench_ingest.py                  # all 60,000 train + 10,000 val images
     .venv/bin/python bench/bench_ingest.py --limit 5000     # first 5,000 train (and val) after the shuffle
@@ -18,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import at_least  # noqa: E402
+from bench.data import source_root  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
 from stages import ingest  # noqa: E402
@@ -25,20 +28,22 @@ from stages import ingest  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX files")
-    ap.add_argument("--limit", type=int, default=None, help="train_limit and val_limit (default: all)")
-    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--root", default=None, help="folder of IDX files (default: Fashion-MNIST when installed)")
+    ap.add_argument("--synthetic", action="store_true", help="generated images even if Fashion-MNIST is present")
+    ap.add_argument("--limit", type=at_least(1), default=None, help="train_limit and val_limit (default: all)")
+    ap.add_argument("--shard-size", type=at_least(1), default=1000)
     ap.add_argument("--out", default=None, help="parent folder for the shards (default: a temp dir)")
     ap.add_argument("--progress", action="store_true", help="show the tqdm bars")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.out) as tmp:
+        root = args.root or source_root(Path(tmp), 60000, 10000, args.synthetic)[0]
         config = Config.model_validate(
             {
                 "seed": 0,
                 "data": {
                     "source": "idx",
-                    "root": args.root,
+                    "root": str(root),
                     "shards": str(Path(tmp) / "shards"),
                     "shard_size": args.shard_size,
                     "train_limit": args.limit,
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         ingest.run(config, progress=False)
         rerun = time.perf_counter() - t1
     print(
-        f"ingest: {n} images ({m.count('train')} train + {m.count('val')} val) in {dt:.2f}s = "
+        f"ingest ({root}): {n} images ({m.count('train')} train + {m.count('val')} val) in {dt:.2f}s = "
         f"{n / dt:,.0f} images/s; {size / 2**20:.1f} MiB of shards; up-to-date rerun {rerun * 1000:.0f} ms"
     )
 

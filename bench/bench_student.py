@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import csv
 import io
-import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import add_machine_args, load_average, set_threads  # noqa: E402
 from bench.data import ingest_with_random_teacher, source_root  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.losses import teacher_targets_from_store  # noqa: E402
@@ -122,16 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=0, help="student DataLoader workers (default 0)")
     ap.add_argument("--teacher", default="resnet18")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads collapse whenever "
-                         "another process runs; 0 = torch's choice)")
-    ap.add_argument("--synthetic", action="store_true", help="synthetic images even if Fashion-MNIST is present")
+    add_machine_args(ap)
     args = ap.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(f"load average before: {load_average()}")
     rates: dict[str, list[float]] = {name: [] for name, _, _ in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-student-") as tmp:
         cfg = build(Path(tmp), args)
@@ -144,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             for name in ("none", "offline") if r % 2 == 0 else ("offline", "none"):
                 stream[name].append(loader_us_per_image(cfg, name == "offline"))
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after: {load_average()}")
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     w = max(len(k) for k in rates)

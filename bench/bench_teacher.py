@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import re
 import statistics
 import sys
@@ -40,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import store  # noqa: E402
+from bench.common import add_machine_args, at_least, load_average, set_threads  # noqa: E402
 from bench.data import ingest_with_random_teacher, source_root  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.models import load_teacher  # noqa: E402
@@ -240,25 +240,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads for every measurement (default 1: on a shared 2-core machine, "
-                    "2 OpenMP threads spin against other processes and rounds swing 4-10x; 0 = torch default)")
-    ap.add_argument("--synthetic", action="store_true", help="synthetic images even if Fashion-MNIST is present")
+    ap.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 1])
+    add_machine_args(ap)
     args = ap.parse_args(argv)
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
-          "(other processes make single rounds noisy; compare the per-round ratios)")
+    set_threads(args.threads)
+    print(f"load average before: {load_average()} (other processes make single rounds noisy; compare the "
+          "per-round ratios)")
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
         cfg = build(Path(tmp), args)
         b = Bench(cfg, Path(tmp))
         b.replay(0)  # warm-up: imports, first-call allocations, page cache
         b.bare()
         results = {w: run_variant(b, w, args.rounds) for w in args.workers}
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after: {load_average()}")
     print("summary: " + "; ".join(
         f"workers={w}: stage/(loader+fwd) {r['stage/(loader+fwd)']:.3f}, stage/bare {r['stage/bare']:.3f}, "
         f"1 - store/stage {r['1 - store only/stage loop']:.3f}"

@@ -221,7 +221,7 @@ def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
     """
     from stages import evaluate as stage
 
-    chosen = {p.name.removeprefix("student-"): p for p in students} if students else None
+    chosen = stage.student_names(students) if students else None
     stage.run(cfg, students=chosen, device=device)
     click.echo((Path(cfg.evaluate.output) / "results.md").read_text())
 

@@ -8,6 +8,7 @@ ground truth, teacher and students (as in DeiT's Table 4) and inference throughp
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +28,47 @@ from stages.common import StageError, make_loader  # noqa: E402
 from stages.student import CHECKPOINT  # noqa: E402
 from stages.teacher import resolve_teacher  # noqa: E402
 
+RESERVED_NAMES = ("teacher", "ground truth")
 
-def load_student(folder: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a trained student from its checkpoint (architecture recorded inside)."""
+
+def student_names(folders: Sequence[Path]) -> dict[str, Path]:
+    """Name each student by its folder (``runs/student-hard`` -> ``hard``); names must be unique."""
+    named: dict[str, Path] = {}
+    for folder in map(Path, folders):
+        name = folder.name.removeprefix("student-")
+        if name in RESERVED_NAMES or name in named:
+            taken = "reserved" if name in RESERVED_NAMES else f"also the name of {named[name]}"
+            raise StageError(f"student folder {folder}: its name {name!r} is {taken}; rename the folder")
+        named[name] = folder
+    return named
+
+
+def load_student(
+    folder: Path, device: torch.device, *, num_classes: int, img_size: int, in_chans: int
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained student from its checkpoint (architecture recorded inside), refusing one
+    trained for other classes or another input shape than this config's val view."""
     path = Path(folder) / CHECKPOINT
     if not path.is_file():
         raise StageError(f"no student checkpoint at {path}; run `distill student` for it first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         sc = StudentConfig.model_validate(ckpt["student"])
+        trained = {"num_classes": ckpt["num_classes"], "img_size": ckpt["img_size"], "in_chans": ckpt["in_chans"]}
+        epochs = ckpt["epoch"] + 1
+        state = ckpt["model"]
     except Exception as e:
         raise StageError(f"{path}: not a readable student checkpoint ({type(e).__name__}: {e})") from e
-    model = create_student(sc, num_classes=ckpt["num_classes"], img_size=ckpt["img_size"], in_chans=ckpt["in_chans"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), {"distillation": sc.distillation, "token": sc.token, "epochs": ckpt["epoch"] + 1}
+    here = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
+    diffs = [f"{k} {trained[k]} (this config: {here[k]})" for k in here if trained[k] != here[k]]
+    if diffs:
+        raise StageError(f"{path}: trained for {', '.join(diffs)}")
+    model = create_student(sc, **trained)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise StageError(f"{path}: weights do not fit the recorded architecture ({e})") from e
+    return model.to(device).eval(), {"distillation": sc.distillation, "token": sc.token, "epochs": epochs}
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -69,7 +97,7 @@ def _plot(models: dict[str, dict[str, Any]], path: Path) -> None:
 def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "auto") -> dict[str, Any]:
     """Evaluate the teacher and every student; ``students`` maps a name to a student output folder."""
     dev = resolve_device(device)
-    students = students if students is not None else {p.name.removeprefix("student-"): p for p in cfg.evaluate.students}
+    students = students if students is not None else student_names(cfg.evaluate.students)
     manifest = open_shards(cfg)
     val = ReplayDataset(manifest, cfg.aug, cfg.seed, [(0, s) for s in range(len(manifest.ranges("val")))],
                         split="val")
@@ -90,7 +118,8 @@ def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "
         }
     }
     for name, folder in students.items():
-        model, info = load_student(folder, dev)
+        model, info = load_student(folder, dev, num_classes=manifest.num_classes, img_size=cfg.aug.img_size,
+                                   in_chans=cfg.aug.channels)
         out = collect_logits(model, make_loader(val, cfg.evaluate.batch_size, 0), dev, heads=True)
         acc = head_accuracies(out)
         # A student trained without distillation never trains its distillation head: report its class head.

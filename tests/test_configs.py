@@ -20,7 +20,7 @@ def test_demo_config_is_the_default_and_validates():
 
 def test_imagenet_config_is_the_paper_recipe_and_builds_both_models():
     cfg = load_config(ROOT / "configs" / "imagenet.yaml")
-    assert (cfg.teacher.model, cfg.student.model) == ("regnety_160", "deit_small_distilled_patch16_224")
+    assert (cfg.teacher.model, cfg.student.model) == ("regnety_160.deit_in1k", "deit_small_distilled_patch16_224")
     assert (cfg.student.epochs, cfg.student.batch_size * 8, cfg.student.distillation) == (300, 1024, "hard")
     assert (cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.reprob, cfg.student.drop_path) == (0.8, 1.0, 0.25, 0.1)
     assert cfg.aug.auto_augment.startswith("rand-m9")
