@@ -3,40 +3,56 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
+from timm.utils import accuracy
 
 from pipeline.models import student_heads
 
 
 def topk_accuracy(logits: torch.Tensor, label: torch.Tensor, k: int) -> float:
-    k = min(k, logits.shape[1])
-    return float((logits.topk(k, dim=1).indices == label[:, None]).any(dim=1).float().mean())
+    """Top-k accuracy as a fraction (timm's ``accuracy``, which gives percent; k is clamped to the classes)."""
+    return float(accuracy(logits, label, topk=(k,))[0]) / 100
 
 
 @torch.no_grad()
+def collect_logits_many(
+    models: Sequence[torch.nn.Module], batches: Iterable, device: torch.device, heads: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`collect_logits` of several models in one pass over ``batches`` (each batch read once)."""
+    modes = [m.training for m in models]
+    outs: list[dict[str, list[torch.Tensor]]] = [{"index": [], "label": []} for _ in models]
+    try:
+        for m in models:
+            m.eval()
+        for batch in batches:
+            x = batch.view.to(device)
+            for model, out in zip(models, outs, strict=True):
+                out["index"].append(batch.index)
+                out["label"].append(batch.label)
+                if heads:
+                    cls, dist = student_heads(model, x)
+                    out.setdefault("cls", []).append(cls.float().cpu())
+                    out.setdefault("dist", []).append(dist.float().cpu())
+                else:
+                    out.setdefault("logits", []).append(model(x).float().cpu())
+    finally:
+        for m, was_training in zip(models, modes, strict=True):
+            m.train(was_training)
+    results = []
+    for out in outs:
+        res = {k: torch.cat(v) for k, v in out.items()}
+        if heads:
+            res["fused"] = (res["cls"] + res["dist"]) / 2
+        results.append(res)
+    return results
+
+
 def collect_logits(model: torch.nn.Module, batches: Iterable, device: torch.device, heads: bool = False) -> dict:
     """Index, label and logits of every sample in one pass: ``logits`` of a plain model, or ``cls`` and
     ``dist`` (and their average, timm's fused output, as ``fused``) of a distilled student."""
-    was_training = model.training
-    model.eval()
-    out: dict[str, list[torch.Tensor]] = {"index": [], "label": []}
-    for batch in batches:
-        x = batch.view.to(device)
-        out["index"].append(batch.index)
-        out["label"].append(batch.label)
-        if heads:
-            cls, dist = student_heads(model, x)
-            out.setdefault("cls", []).append(cls.float().cpu())
-            out.setdefault("dist", []).append(dist.float().cpu())
-        else:
-            out.setdefault("logits", []).append(model(x).float().cpu())
-    model.train(was_training)
-    res = {k: torch.cat(v) for k, v in out.items()}
-    if heads:
-        res["fused"] = (res["cls"] + res["dist"]) / 2
-    return res
+    return collect_logits_many([model], batches, device, heads)[0]
 
 
 def head_accuracies(out: dict) -> dict[str, float]:
@@ -44,13 +60,8 @@ def head_accuracies(out: dict) -> dict[str, float]:
     return {f"{h}_top{k}": topk_accuracy(out[h], out["label"], k) for h in ("cls", "dist", "fused") for k in (1, 5)}
 
 
-def evaluate_student(model: torch.nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 of the class head, the distillation head and their average (timm's fused output)."""
-    return head_accuracies(collect_logits(model, batches, device, heads=True))
-
-
 @torch.no_grad()
-def throughput(model: torch.nn.Module, example: torch.Tensor, device: torch.device, seconds: float = 3.0) -> float:
+def throughput(model: torch.nn.Module, example: torch.Tensor, device: torch.device, seconds: float) -> float:
     """Inference images/s on one repeated batch (after warm-up), as in the paper's Table 5."""
     model.eval()
     x = example.to(device)

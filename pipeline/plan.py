@@ -15,9 +15,10 @@ import numpy as np
 
 from pipeline.config import AugConfig
 from pipeline.rng import TAG_PLAN, derive_seed
+from store.layout import KIND_CUTMIX, KIND_MIXUP, KIND_NONE
+from store.layout import KIND_LABELS as KIND_NAMES
 
-KIND_NONE, KIND_MIXUP, KIND_CUTMIX = 0, 1, 2
-KIND_NAMES = ("none", "mixup", "cutmix")
+__all__ = ["KIND_CUTMIX", "KIND_MIXUP", "KIND_NAMES", "KIND_NONE", "EpochPlan", "epoch_plan", "soft_target"]
 
 
 @dataclass(frozen=True)

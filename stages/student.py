@@ -28,7 +28,7 @@ from tqdm import tqdm
 import store
 from pipeline import distributed
 from pipeline.config import Config, canonical_hash
-from pipeline.evaluation import evaluate_student
+from pipeline.evaluation import collect_logits_many, head_accuracies
 from pipeline.losses import distillation_loss, teacher_targets_from_logits, teacher_targets_from_store
 from pipeline.models import create_student, load_teacher, teacher_identity
 from pipeline.replay import ReplayDataset
@@ -37,18 +37,30 @@ from pipeline.shards import Manifest, open_shards
 from stages.common import StageError, make_loader, progress_bar, store_provenance
 from stages.student_data import StoreJoin, steps_per_epoch
 from stages.teacher import resolve_teacher, teacher_forward
+from store.provenance import differences, short
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def run_hash(cfg: Config, manifest: Manifest, world: int, workers: int, mode: str, teacher: str) -> str:
-    """What a checkpoint must share with this run to be resumed (the teacher's targets included)."""
-    return canonical_hash({
-        "seed": cfg.seed, "aug": cfg.aug.model_dump(mode="json"),
-        "student": cfg.student.model_dump(mode="json", exclude={"output", "eval_every"}),
-        "teacher": teacher, "teacher_epochs": cfg.teacher.epochs, "topk": cfg.teacher.topk,
-        "manifest": manifest.fingerprint, "world": world, "workers": workers, "mode": mode,
-    })
+def run_identity(cfg: Config, manifest: Manifest, world: int, workers: int, mode: str, teacher: str) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed (the teacher's targets included), flat:
+    ``aug.*`` and ``student.*`` are one key per field, so a refusal can name what changed."""
+    student = cfg.student.model_dump(mode="json", exclude={"output", "eval_every", "workers", "teacher_mode"})
+    return {
+        "seed": cfg.seed,
+        **{f"aug.{k}": v for k, v in cfg.aug.model_dump(mode="json").items()},
+        **{f"student.{k}": v for k, v in student.items()},
+        "teacher": teacher, "teacher.epochs": cfg.teacher.epochs, "teacher.topk": cfg.teacher.topk,
+        "manifest": manifest.fingerprint, "ranks": world, "workers": workers, "teacher_mode": mode,
+    }
+
+
+def _changed(stored: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    if stored is None:
+        return "student, aug, teacher or shards differ (an older checkpoint lists no fields)"
+    diffs = differences(stored, now, sorted(set(stored) | set(now)))
+    return "; ".join(f"{f}: checkpoint {short(s, 40)}, now {short(e, 40)}" for f, s, e in diffs[:6]) + (
+        f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else "")
 
 
 def _epoch_units(cfg: Config, n_shards: int, epoch: int) -> list[tuple[int, int]]:
@@ -153,7 +165,8 @@ def run(
     )
     ema = ModelEmaV3(model, decay=sc.ema_decay) if sc.ema else None
 
-    h = run_hash(cfg, manifest, env.world, workers, mode, teacher_id)
+    identity = run_identity(cfg, manifest, env.world, workers, mode, teacher_id)
+    h = canonical_hash(identity)
     ckpt_path = out / CHECKPOINT
     start_epoch, global_step, history = 0, 0, []
     if ckpt_path.is_file() and not restart:
@@ -175,7 +188,7 @@ def run(
                 print(f"student: resuming {ckpt_path} after epoch {start_epoch}")
         else:
             raise StageError(
-                f"{ckpt_path} is from another configuration (student, aug, teacher or shards differ); "
+                f"{ckpt_path} is from another configuration ({_changed(ckpt.get('run_identity'), identity)}); "
                 "use --restart to overwrite it, or set student.output to another folder"
             )
     if env.is_main:
@@ -235,11 +248,11 @@ def run(
         }
         evaluate = (epoch + 1) % sc.eval_every == 0 or epoch + 1 == sc.epochs
         if evaluate and env.is_main:
-            acc = evaluate_student(model, make_loader(val_ds, cfg.evaluate.batch_size, 0), dev)
-            row.update({f"val_{k}": v for k, v in acc.items()})
+            models = [model] if ema is None else [model, ema.module]  # one pass over val for both
+            outs = collect_logits_many(models, make_loader(val_ds, cfg.evaluate.batch_size, workers), dev, heads=True)
+            row.update({f"val_{k}": v for k, v in head_accuracies(outs[0]).items()})
             if ema is not None:
-                ema_acc = evaluate_student(ema.module, make_loader(val_ds, cfg.evaluate.batch_size, 0), dev)
-                row["val_ema_fused_top1"] = ema_acc["fused_top1"]
+                row["val_ema_fused_top1"] = head_accuracies(outs[1])["fused_top1"]
         history.append(row)
         rng_states = _gather_rng(env)
         if env.is_main:
@@ -247,9 +260,10 @@ def run(
             if "val_fused_top1" in row:
                 msg += (f" | val top-1 cls {row['val_cls_top1']:.4f} dist {row['val_dist_top1']:.4f} "
                         f"fused {row['val_fused_top1']:.4f}")
-            tqdm.write(f"student[{kind}] {msg}") if progress else print(f"student[{kind}] {msg}")
+            tqdm.write(f"student[{kind}] {msg}")
             _atomic_save({
-                "run_hash": h, "epoch": epoch, "step": global_step, "model": model.state_dict(),
+                "run_hash": h, "run_identity": identity, "epoch": epoch, "step": global_step,
+                "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "rng": rng_states, "history": history,
                 "student": sc.model_dump(mode="json"), "num_classes": num_classes,

@@ -4,11 +4,12 @@ Knows nothing of models or training: numpy arrays in, numpy arrays out.
 """
 
 from store.describe import describe
-from store.frames import KIND_LABELS, train_frame, val_frame
+from store.frames import train_frame, val_frame
 from store.layout import (
     CODECS,
     FORMAT,
     KIND_CUTMIX,
+    KIND_LABELS,
     KIND_MIXUP,
     KIND_NONE,
     StoreSpec,

@@ -23,13 +23,11 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from store.layout import spec_of
+from store.layout import KIND_LABELS, KIND_NONE, spec_of
 from store.reader import done_mask, read_train_unit, read_val, stored_probs
 
-__all__ = ["KIND_LABELS", "train_frame", "val_frame"]
+__all__ = ["train_frame", "val_frame"]
 
-KIND_LABELS: tuple[str, ...] = ("none", "mixup", "cutmix")
-"""Names of the stored ``kind`` codes (KIND_NONE, KIND_MIXUP, KIND_CUTMIX), the ``kind`` categories."""
 
 
 def _teacher_columns(
@@ -133,7 +131,7 @@ def train_frame(
     valid = (partner >= 0) & (partner < len(all_labels))
     plabel = pd.Series(all_labels[np.where(valid, partner, 0)], dtype="Int64").mask(~valid)
     df["partner_label"] = plabel
-    own = (cols["kind"] == 0) | (cols["lam"] >= 0.5)
+    own = (cols["kind"] == KIND_NONE) | (cols["lam"] >= 0.5)
     df["dominant"] = pd.Series(cols["label"], dtype="Int64").where(own, plabel)
     return _add_names(df, names)
 

@@ -31,6 +31,8 @@ from store.provenance import (
 
 FORMAT = 1
 KIND_NONE, KIND_MIXUP, KIND_CUTMIX = 0, 1, 2
+KIND_LABELS: tuple[str, ...] = ("none", "mixup", "cutmix")
+"""Names of the stored ``kind`` codes (KIND_NONE, KIND_MIXUP, KIND_CUTMIX)."""
 CODECS = ("zstd", "blosc-lz4", "gzip", "none")
 SPEC_IDENTITY = ("num_classes", "epochs", "topk", "train_ranges", "val_ranges")
 """Spec fields that must match on reopen; codec and level only change how bytes are stored."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from pipeline.config import StudentConfig
+from pipeline.evaluation import collect_logits, collect_logits_many, topk_accuracy
 from pipeline.models import create_student
 from stages.common import StageError
 from stages.evaluate import load_student, student_names
@@ -25,6 +27,12 @@ def _checkpoint(folder: Path, **shape: int) -> Path:
 
 
 SHAPE = {"num_classes": 10, "img_size": 16, "in_chans": 1}
+
+
+class Batch(NamedTuple):
+    view: torch.Tensor
+    index: torch.Tensor
+    label: torch.Tensor
 
 
 def test_students_are_named_by_folder():
@@ -60,3 +68,23 @@ def test_an_incomplete_checkpoint_is_a_clean_error(tmp_path):
     torch.save({"student": TINY.model_dump(mode="json")}, folder / CHECKPOINT)
     with pytest.raises(StageError, match="not a readable student checkpoint"):
         load_student(folder, torch.device("cpu"), **SHAPE)
+
+
+def test_topk_accuracy_is_a_fraction_and_clamps_k():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
+    label = torch.tensor([1, 2, 0])
+    assert topk_accuracy(logits, label, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(logits, label, 2) == pytest.approx(2 / 3)
+    assert topk_accuracy(logits, label, 5) == 1.0
+
+
+def test_one_pass_for_several_models_equals_one_pass_each(tmp_path):
+    torch.manual_seed(0)
+    a, b = (create_student(TINY, **SHAPE) for _ in range(2))
+    a.train()
+    batches = [Batch(torch.randn(4, 1, 16, 16), torch.arange(4) + 4 * i, torch.arange(4) % 10) for i in range(3)]
+    both = collect_logits_many([a, b], batches, torch.device("cpu"), heads=True)
+    assert a.training  # modes are restored
+    for model, got in zip((a, b), both, strict=True):
+        alone = collect_logits(model, batches, torch.device("cpu"), heads=True)
+        assert all(torch.equal(got[k], alone[k]) for k in ("index", "label", "cls", "dist", "fused"))
