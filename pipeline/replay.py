@@ -148,6 +148,30 @@ def read_shard(path: str) -> Iterator[dict]:
     )
 
 
+def worker_units(
+    units: Sequence[tuple[int, int]], rank: int, world: int, worker: int, workers: int
+) -> list[tuple[int, int]]:
+    """The (epoch, shard) units one DataLoader worker of one rank streams: units[rank::world][worker::workers]."""
+    return list(units)[rank::world][worker :: max(workers, 1)]
+
+
+def loader_batches(
+    ranges: Sequence[tuple[int, int]],
+    units: Sequence[tuple[int, int]],
+    batch_size: int,
+    workers: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = False,
+) -> int:
+    """Batches a DataLoader over :class:`ReplayDataset` yields on ``rank``: every worker batches its own
+    units' samples, so each ends with its own partial batch (dropped with ``drop_last``)."""
+    counts = (sum(ranges[s][1] - ranges[s][0] for _, s in worker_units(units, rank, world, w, workers))
+              for w in range(max(workers, 1)))
+    return sum(n // batch_size if drop_last else -(-n // batch_size) for n in counts)
+
+
 class ReplayDataset(IterableDataset):
     """Streams whole (epoch, shard) units: rank r takes units[r::world], worker w of those [w::workers].
 
@@ -180,7 +204,7 @@ class ReplayDataset(IterableDataset):
     def my_units(self) -> list[tuple[int, int]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.units[self.rank :: self.world][wid::nw]
+        return worker_units(self.units, self.rank, self.world, wid, nw)
 
     def _stream(self) -> Iterator[Any]:
         paths = self.manifest.shard_paths(self.split)

@@ -239,7 +239,13 @@ def _check_consistent(m: Manifest, where: Path) -> None:
 def open_shards(config: Config) -> Manifest:
     """The manifest a run works on: ``data.shards``, cut to ``data.train_shards`` when set."""
     m = load_manifest(config.data.shards)
-    return m.first_train_shards(config.data.train_shards) if config.data.train_shards else m
+    n = config.data.train_shards
+    if n is None:
+        return m
+    have = len(m.split("train").shards)
+    if n > have:
+        raise ShardError(f"data.train_shards is {n}, but {config.data.shards} holds {have} train shards")
+    return m.first_train_shards(n)
 
 
 def load_manifest(shards_dir: Path | str) -> Manifest:

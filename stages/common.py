@@ -51,12 +51,14 @@ def store_provenance(cfg: Config, manifest: Manifest, teacher_sha256: str) -> di
     }
 
 
-def make_loader(dataset: IterableDataset, batch_size: int, workers: int) -> DataLoader:
-    """Batches of replayed samples; workers each stream whole units (see ReplayDataset)."""
+def make_loader(dataset: IterableDataset, batch_size: int, workers: int, drop_last: bool = False) -> DataLoader:
+    """Batches of replayed samples; workers each stream whole units (see ReplayDataset), each ending
+    with its own partial batch unless ``drop_last`` (see replay.loader_batches)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
+        drop_last=drop_last,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,

@@ -22,7 +22,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import store
@@ -200,8 +199,7 @@ def run(
     for epoch in range(start_epoch, last):
         ds = ReplayDataset(manifest, cfg.aug, cfg.seed, epoch_units[epoch], rank=env.rank, world=env.world,
                            shuffle=sc.shuffle, join=join, order_epoch=epoch)
-        loader = DataLoader(ds, batch_size=sc.batch_size, num_workers=workers, drop_last=True,
-                            pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
+        loader = make_loader(ds, sc.batch_size, workers, drop_last=True)
         model.train()
         sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("loss", "base", "distill")}
         t0 = time.perf_counter()

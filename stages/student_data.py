@@ -16,7 +16,7 @@ import torch
 
 import store
 from pipeline.plan import KIND_NAMES, EpochPlan
-from pipeline.replay import ReplaySample
+from pipeline.replay import ReplaySample, loader_batches
 from stages.common import StageError
 
 
@@ -84,11 +84,5 @@ class StoreJoin:
 def steps_per_epoch(ranges: list[tuple[int, int]], units: list[tuple[int, int]], world: int, workers: int,
                     batch_size: int) -> int:
     """Full batches every rank can make this epoch (drop_last per worker); all ranks step this many times."""
-    nw = max(workers, 1)
-    per_rank = []
-    for r in range(world):
-        mine = units[r::world]
-        per_rank.append(sum(
-            sum(ranges[s][1] - ranges[s][0] for _, s in mine[w::nw]) // batch_size for w in range(nw)
-        ))
-    return min(per_rank)
+    return min(loader_batches(ranges, units, batch_size, workers, rank=r, world=world, drop_last=True)
+               for r in range(world))

@@ -105,10 +105,11 @@ class _Collector:
                 self._write(e, s, self.open.pop((e, s)))
 
     def _write(self, epoch: int, shard: int, buf: _UnitBuffer) -> None:
-        if not np.isfinite(buf.logits).all():
-            raise StageError(f"teacher produced NaN/inf logits for {self.split} unit (epoch {epoch}, shard {shard}); "
-                             "check the teacher checkpoint and the normalisation (aug.mean/std)")
-        topk_logits, topk_classes, hard, lse = store.topk_from_logits(buf.logits, self.k)
+        try:
+            topk_logits, topk_classes, hard, lse = store.topk_from_logits(buf.logits, self.k)
+        except ValueError as e:  # NaN/inf logits
+            raise StageError(f"teacher output for {self.split} unit (epoch {epoch}, shard {shard}): {e}; "
+                             "check the teacher checkpoint and the normalisation (aug.mean/std)") from e
         targets = dict(
             topk_logits=topk_logits, topk_classes=topk_classes, hard_label=hard, logsumexp=lse, label=buf.label
         )
@@ -201,13 +202,15 @@ def run(
     elapsed = time.perf_counter() - t0
 
     distributed.barrier()
-    if env.is_main:
-        store.finalize(path)
-        left = int((~store.done_mask(group)).sum() + (~store.val_done_mask(group)).sum())
-        if left:
-            raise StageError(f"{path}: {left} unit(s) not done after the run; re-run `distill teacher`")
-        rate = total / elapsed if elapsed > 0 else 0.0
-        print(f"teacher: wrote {len(mine_train)} train + {len(mine_val)} val unit(s) on rank 0 "
-              f"({total} images, {rate:.0f} im/s) -> {path}")
-    distributed.teardown()
+    try:
+        if env.is_main:
+            store.finalize(path)
+            left = int((~store.done_mask(group)).sum() + (~store.val_done_mask(group)).sum())
+            if left:
+                raise StageError(f"{path}: {left} unit(s) not done after the run; re-run `distill teacher`")
+            rate = total / elapsed if elapsed > 0 else 0.0
+            print(f"teacher: wrote {len(mine_train)} train + {len(mine_val)} val unit(s) on rank 0 "
+                  f"({total} images, {rate:.0f} im/s) -> {path}")
+    finally:
+        distributed.teardown()
     return path

@@ -18,7 +18,7 @@ from pipeline import distributed
 from pipeline.config import Config, canonical_hash
 from pipeline.losses import soft_target_cross_entropy
 from pipeline.models import create_teacher, save_teacher_checkpoint
-from pipeline.replay import ReplayDataset
+from pipeline.replay import ReplayDataset, loader_batches
 from pipeline.shards import Manifest, open_shards
 from stages.common import StageError, make_loader, progress_bar
 
@@ -36,6 +36,7 @@ def fit_hash(cfg: Config, manifest: Manifest) -> str:
             "aug": cfg.fit_aug().model_dump(mode="json"),
             "seed": cfg.seed,
             "manifest": manifest.fingerprint,
+            "workers": t.workers,  # each worker ends with its own partial batch: the steps and schedule follow
         }
     )
 
@@ -79,12 +80,9 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     model = create_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     model.to(env.device)
     n_train = manifest.count("train")
-    # Every worker ends its own stream with a partial batch, so an epoch has sum over workers of ceil(n_w / b).
-    nw = max(cfg.teacher.workers, 1)
     ranges = manifest.ranges("train")
-    steps_per_epoch = sum(
-        -(-sum(b - a for a, b in ranges[w::nw]) // fit.batch_size) for w in range(nw)
-    )
+    steps_per_epoch = loader_batches(ranges, [(0, s) for s in range(len(ranges))], fit.batch_size,
+                                     cfg.teacher.workers)
     lr = fit.lr * fit.batch_size / 256
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=fit.weight_decay)
     sched = CosineLRScheduler(

@@ -472,3 +472,16 @@ def test_train_shards_subset_keeps_the_first_shards_and_changes_the_fingerprint(
     assert sub.ranges("train") == full.ranges("train")[:2]
     assert sub.count("train") == 20 and sub.count("val") == full.count("val")
     assert sub.fingerprint != full.fingerprint
+
+
+def test_train_shards_beyond_the_manifest_are_refused_naming_the_key(tiny_config):
+    from pipeline.shards import ShardError, load_manifest, open_shards
+
+    ingest.run(tiny_config, progress=False)
+    have = len(load_manifest(tiny_config.data.shards).shards("train"))
+    data = tiny_config.data.model_copy(update={"train_shards": have + 1})
+    with pytest.raises(ShardError, match=f"data.train_shards is {have + 1}, but .* holds {have} train shards"):
+        open_shards(tiny_config.model_copy(update={"data": data}))
+    data = tiny_config.data.model_copy(update={"train_shards": have})
+    assert open_shards(tiny_config.model_copy(update={"data": data})).fingerprint == load_manifest(
+        tiny_config.data.shards).fingerprint

@@ -410,3 +410,16 @@ def test_store_describe_prints_e_k_and_epochs_complete(reference: Path, tmp_path
     assert result.exit_code == 0, result.output
     assert "epochs complete: 1/2" in result.output
     assert "partial epochs: 1 (2/3)" in result.output
+
+
+def test_a_teacher_giving_nan_logits_is_refused_naming_the_unit(base: Config, tmp_path: Path):
+    torch.manual_seed(0)
+    net = create_teacher(base.teacher.model_copy(update={"checkpoint": None, "pretrained": False}),
+                         num_classes=CLASSES, in_chans=base.aug.channels)
+    with torch.no_grad():
+        net.get_classifier().bias.fill_(float("nan"))
+    ckpt = tmp_path / "nan.pt"
+    save_teacher_checkpoint(net, ckpt, {"model": base.teacher.model})
+    cfg = at(derive(base, teacher={"checkpoint": str(ckpt)}), tmp_path / "nan.zarr")
+    with pytest.raises(StageError, match=r"teacher output for \w+ unit \(epoch \d+, shard \d+\): .*NaN"):
+        teacher.run(cfg, progress=False, device="cpu")
