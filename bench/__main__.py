@@ -1,4 +1,5 @@
-"""Benchmark runner: ``python -m bench [NAME ...]`` runs bench/bench_NAME.py (all when none given).
+"""Benchmark runner: ``python -m bench [NAME ...]`` runs bench/bench_NAME.py (all when none given);
+``python -m bench NAME --option ...`` runs one with its options (``python -m bench NAME --help``).
 
 Each benchmark prints its figures and, where it has a target, a ratio measured within one run, so
 the noise of a shared machine cancels out.
@@ -15,7 +16,12 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
     available = sorted(p.stem.removeprefix("bench_") for p in here.glob("bench_*.py"))
-    names = argv or available
+    # `python -m bench NAME --opt ...` hands the options to that one benchmark
+    split = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, options = argv[:split] or available, argv[split:]
+    if options and len(names) != 1:
+        print("options go to one benchmark: python -m bench NAME [--option ...]", file=sys.stderr)
+        return 2
     unknown = [n for n in names if n not in available]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available)}", file=sys.stderr)
@@ -24,7 +30,7 @@ def main(argv: list[str]) -> int:
         print(f"=== bench_{name} ===", flush=True)
         t0 = time.perf_counter()
         module = importlib.import_module(f"bench.bench_{name}")
-        module.main([])
+        module.main(options)
         print(f"(bench_{name}: {time.perf_counter() - t0:.1f} s)\n", flush=True)
     return 0
 

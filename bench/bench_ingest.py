@@ -1,8 +1,8 @@
 """Ingest throughput (images/s) on Fashion-MNIST IDX files into a temporary shards folder (generated
 IDX files of the same shape when Fashion-MNIST is not installed, or with --synthetic).
 
-    .venv/bin/python bench/bench_ingest.py                  # all 60,000 train + 10,000 val images
-    .venv/bin/python bench/bench_ingest.py --limit 5000     # first 5,000 train (and val) after the shuffle
+    .venv/bin/python -m bench ingest                  # all 60,000 train + 10,000 val images
+    .venv/bin/python -m bench ingest --limit 5000     # first 5,000 train (and val) after the shuffle
 
 Also times the no-op rerun (the up-to-date check).
 """
@@ -10,20 +10,15 @@ Also times the no-op rerun (the up-to-date check).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import at_least  # noqa: E402
-from bench.data import source_root  # noqa: E402
-from pipeline.config import Config  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
-from stages import ingest  # noqa: E402
+from bench.common import at_least
+from bench.data import source_root
+from pipeline.config import Config
+from pipeline.shards import load_manifest
+from stages import ingest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,4 +62,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # python -m bench.bench_ingest [--option ...] also works

@@ -5,24 +5,21 @@ class, and for mixed samples the margin split between the two mixed classes by l
 sees the mixed image). The mix plan (partner within a window, lambda, kind) is stored as the
 teacher stage would. Compared with keeping dense float32 logits (C * 4 bytes per sample and epoch).
 
-    .venv/bin/python bench/bench_store.py                 # defaults: N=20000, C in {10, 1000}
-    .venv/bin/python bench/bench_store.py --n 2000 --classes 10   # quick
+    .venv/bin/python -m bench store                 # defaults: N=20000, C in {10, 1000}
+    .venv/bin/python -m bench store --n 2000 --classes 10   # quick
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from store import (  # noqa: E402
+from store import (
     KIND_CUTMIX,
     KIND_MIXUP,
     KIND_NONE,
@@ -190,4 +187,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # python -m bench.bench_store [--option ...] also works

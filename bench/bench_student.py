@@ -19,9 +19,9 @@ shared machine's noise hardly touches. Ratios are also given per round (the thre
 round run back to back, so a change in the machine's load hits them alike).
 
     .venv/bin/python -m bench student
-    .venv/bin/python bench/bench_student.py --n 2000 --stored-epochs 2 --epochs 3 --rounds 3
-    .venv/bin/python bench/bench_student.py --threads 0          # torch's own thread count
-    .venv/bin/python bench/bench_student.py --depth 2 --synthetic      # quicker
+    .venv/bin/python -m bench student --n 2000 --stored-epochs 2 --epochs 3 --rounds 3
+    .venv/bin/python -m bench student --threads 0          # torch's own thread count
+    .venv/bin/python -m bench student --depth 2 --synthetic      # quicker
 """
 
 from __future__ import annotations
@@ -40,19 +40,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import add_machine_args, load_average, set_threads  # noqa: E402
-from bench.data import ingest_with_random_teacher, source_root  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.losses import teacher_targets_from_store  # noqa: E402
-from pipeline.replay import ReplayDataset  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
-from stages import student as student_stage  # noqa: E402
-from stages import teacher  # noqa: E402
-from stages.student_data import StoreJoin  # noqa: E402
+from bench.common import add_machine_args, load_average, set_threads
+from bench.data import ingest_with_random_teacher, source_root
+from pipeline.config import Config, load_config
+from pipeline.losses import teacher_targets_from_store
+from pipeline.replay import ReplayDataset
+from pipeline.shards import load_manifest
+from stages import student as student_stage
+from stages import teacher
+from stages.student_data import StoreJoin
 
 TARGET = 0.95
 MODES = (("none", "none", "offline"), ("offline", "hard", "offline"), ("online", "hard", "online"))
@@ -63,7 +59,7 @@ def build(tmp: Path, args: argparse.Namespace) -> Config:
     root, source = source_root(tmp, args.n, args.val, args.synthetic)
     raw = load_config(None).model_dump(mode="json")
     raw["data"].update(root=str(root), shards=str(tmp / "shards"), shard_size=args.shard_size,
-                       train_limit=args.n, val_limit=args.val)
+                       train_limit=args.n, val_limit=args.val, train_shards=None)  # cut by --n instead
     raw["teacher"].update(model=args.teacher, small_stem=True, epochs=args.stored_epochs, topk=args.topk,
                           checkpoint=str(tmp / "teacher.pt"))
     raw["store"]["path"] = str(tmp / "logits.zarr")

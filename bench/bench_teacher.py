@@ -15,8 +15,8 @@ The target (stage / loader+fwd >= 0.90) isolates the store's cost; stage / bare 
 augmentation, which bare inference does not, and is printed for honesty, not judged.
 
     .venv/bin/python -m bench teacher
-    .venv/bin/python bench/bench_teacher.py --n 2000 --epochs 2 --rounds 3 --workers 0 1
-    .venv/bin/python bench/bench_teacher.py --no-small-stem       # a fast teacher: store cost is relatively larger
+    .venv/bin/python -m bench teacher --n 2000 --epochs 2 --rounds 3 --workers 0 1
+    .venv/bin/python -m bench teacher --no-small-stem       # a fast teacher: store cost is relatively larger
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import contextlib
 import io
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,19 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import store  # noqa: E402
-from bench.common import add_machine_args, at_least, load_average, set_threads  # noqa: E402
-from bench.data import ingest_with_random_teacher, source_root  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.models import load_teacher  # noqa: E402
-from pipeline.replay import ReplayDataset  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
-from stages import teacher  # noqa: E402
-from stages.common import make_loader  # noqa: E402
+import store
+from bench.common import add_machine_args, at_least, load_average, set_threads
+from bench.data import ingest_with_random_teacher, source_root
+from pipeline.config import Config, load_config
+from pipeline.models import load_teacher
+from pipeline.replay import ReplayDataset
+from pipeline.shards import load_manifest
+from stages import teacher
+from stages.common import make_loader
 
 TARGET = 0.90
 
@@ -262,4 +257,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # python -m bench.bench_teacher [--option ...] also works
