@@ -69,8 +69,9 @@ def _unmixed(df: pd.DataFrame) -> pd.Series:
 def per_epoch(train: pd.DataFrame) -> pd.DataFrame:
     """Disagreement per stored epoch: all views, unmixed views, and mixed views against the dominant label.
 
-    mixed_dominant_disagreement: teacher differs from the label weighing >= 0.5 in the blend;
-    mixed_outside_pair: teacher is neither the sample's label nor its partner's.
+    Counts and rates: mixed_dominant (its rate mixed_dominant_disagreement) counts mixed views whose
+    teacher differs from the label weighing >= 0.5 in the blend; mixed_outside (rate mixed_outside_pair)
+    those whose teacher is neither the sample's label nor its partner's. Column sums give the totals.
     """
     d = train["teacher"] != train["label"]
     un = _unmixed(train)
@@ -90,13 +91,13 @@ def per_epoch(train: pd.DataFrame) -> pd.DataFrame:
             "p_teacher": train["p_teacher"].astype(float),
         }
     ).groupby("epoch", sort=True)
-    out = g[["samples", "disagree", "unmixed_samples", "unmixed_disagree", "mixed_samples"]].sum()
-    sums = g[["mixed_dominant", "mixed_outside"]].sum()
-    out = out.astype("int64")
+    counts = ["samples", "disagree", "unmixed_samples", "unmixed_disagree", "mixed_samples", "mixed_dominant",
+              "mixed_outside"]
+    out = g[counts].sum().astype("int64")
     out.insert(2, "disagreement", _rate(out["disagree"], out["samples"]))
     out.insert(5, "unmixed_disagreement", _rate(out["unmixed_disagree"], out["unmixed_samples"]))
-    out["mixed_dominant_disagreement"] = _rate(sums["mixed_dominant"], out["mixed_samples"])
-    out["mixed_outside_pair"] = _rate(sums["mixed_outside"], out["mixed_samples"])
+    out["mixed_dominant_disagreement"] = _rate(out["mixed_dominant"], out["mixed_samples"])
+    out["mixed_outside_pair"] = _rate(out["mixed_outside"], out["mixed_samples"])
     out["mean_p_teacher"] = g["p_teacher"].mean()
     return out.reset_index()
 
@@ -266,8 +267,6 @@ def audit_frames(
     names = [str(n) for n in names]
     val = val if val is not None and len(val) else None
     un = _unmixed(train)
-    d = train["teacher"] != train["label"]
-    mixed = train[~un]
     ep = per_epoch(train)
     conf = confusion(train[un], names)
     conf_val = confusion(val, names) if val is not None else None
@@ -279,25 +278,18 @@ def audit_frames(
         pairs = pd.concat([pairs, pv], ignore_index=True)
     sus = suspects(train, names, threshold, train_files)
     sus_val = suspects(val, names, threshold, val_files) if val is not None else None
-    n_mixed = len(mixed)
+    total = ep.sum(numeric_only=True)
+    n_mixed = int(total.get("mixed_samples", 0))
     headline = {
         "num_classes": len(names),
         "epochs": sorted(int(e) for e in train["epoch"].unique()),
         "train_samples": len(train),
-        "train_disagreement": _num(_rate(d.sum(), len(train))),
+        "train_disagreement": _num(_rate(total.get("disagree", 0), len(train))),
         "unmixed_samples": int(un.sum()),
-        "unmixed_disagreement": _num(_rate((d & un).sum(), int(un.sum()))),
+        "unmixed_disagreement": _num(_rate(total.get("unmixed_disagree", 0), int(un.sum()))),
         "mixed_samples": n_mixed,
-        "mixed_dominant_disagreement": _num(
-            _rate((mixed["teacher"] != mixed["dominant"]).fillna(True).sum(), n_mixed)
-        ),
-        "mixed_outside_pair": _num(
-            _rate(
-                ((mixed["teacher"] != mixed["label"]) & (mixed["teacher"] != mixed["partner_label"]).fillna(True))
-                .sum(),
-                n_mixed,
-            )
-        ),
+        "mixed_dominant_disagreement": _num(_rate(total.get("mixed_dominant", 0), n_mixed)),
+        "mixed_outside_pair": _num(_rate(total.get("mixed_outside", 0), n_mixed)),
         "val_samples": 0 if val is None else len(val),
         "val_disagreement": None if val is None else _num(_rate((val["teacher"] != val["label"]).sum(), len(val))),
         "threshold": float(threshold),

@@ -24,7 +24,7 @@ import pandas as pd
 import zarr
 
 from store.layout import KIND_LABELS, KIND_NONE, spec_of
-from store.reader import done_mask, read_train_unit, read_val, stored_probs
+from store.reader import done_mask, read_val, stored_probs, train_unit_arrays
 
 __all__ = ["train_frame", "val_frame"]
 
@@ -104,7 +104,8 @@ def train_frame(
     parts: dict[str, list[np.ndarray]] = {}
     for e in sorted(set(wanted)):
         for s in np.flatnonzero(mask[e]).tolist():
-            u = read_train_unit(group, e, s)
+            a, b = spec.train_ranges[s]
+            u = train_unit_arrays(group, spec, e, s, label=all_labels[a:b])  # done: in the mask
             n = u.end - u.start
             block = {
                 "epoch": np.full(n, e, dtype=np.int32),

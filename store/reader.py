@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from store.layout import FORMAT, array_layout, spec_of, store_path
+from store.layout import FORMAT, StoreSpec, array_layout, spec_of, store_path
 from store.provenance import ProvenanceMismatch, StoreError, check_identity
 
 __all__ = [
@@ -116,6 +116,14 @@ def read_train_unit(group: zarr.Group, epoch: int, shard: int) -> TrainUnit:
             f"logit store has no data for epoch {epoch}, shard {shard} (not marked done); "
             "re-run the teacher stage to fill it"
         )
+    return train_unit_arrays(group, spec, epoch, shard)
+
+
+def train_unit_arrays(
+    group: zarr.Group, spec: StoreSpec, epoch: int, shard: int, label: np.ndarray | None = None
+) -> TrainUnit:
+    """:func:`read_train_unit` without its checks, for a caller that has the spec and the done mask
+    already (and, as ``label``, the unit's labels): one read per array of the unit."""
     a, b = spec.train_ranges[shard]
     return TrainUnit(
         epoch=epoch,
@@ -129,7 +137,7 @@ def read_train_unit(group: zarr.Group, epoch: int, shard: int) -> TrainUnit:
         partner=group["train/partner"][epoch, a:b],
         lam=group["train/lam"][epoch, a:b],
         kind=group["train/kind"][epoch, a:b],
-        label=group["train/label"][a:b],
+        label=group["train/label"][a:b] if label is None else label,
     )
 
 
