@@ -234,8 +234,11 @@ def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
               help="Teacher probability above which a contradicted label counts as a suspect.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder (default: runs/audit beside evaluate.output).")
+@click.option("--epoch", "epochs", type=click.IntRange(min=0), multiple=True,
+              help="Audit only these stored epochs (repeatable; default all). The train frame holds one row "
+                   "per stored view, so at ImageNet scale audit a few epochs.")
 @friendly
-def audit(cfg: Config, top: int, threshold: float, output: Path | None) -> None:
+def audit(cfg: Config, top: int, threshold: float, output: Path | None, epochs: tuple[int, ...]) -> None:
     """Teacher/label disagreement from the logit store: per class, per epoch, confusions, suspects.
 
     Writes CSV tables, audit.md, audit.png and audit.json; notebooks/audit.ipynb walks through the
@@ -243,7 +246,7 @@ def audit(cfg: Config, top: int, threshold: float, output: Path | None) -> None:
     """
     from stages import audit as stage
 
-    result = stage.run(cfg, top=top, output=output, threshold=threshold)
+    result = stage.run(cfg, top=top, output=output, threshold=threshold, epochs=list(epochs) or None)
     click.echo(f"audit: {result['output']}")
     for key in ("train_disagreement", "unmixed_disagreement", "val_disagreement", "suspects", "val_suspects"):
         if result.get(key) is not None:

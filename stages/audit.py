@@ -538,7 +538,14 @@ def _manifest_info(cfg: Config) -> tuple[list[str] | None, list[str] | None, lis
     )
 
 
-def run(cfg: Config, *, top: int = 20, output: Path | None = None, threshold: float = 0.9) -> dict[str, Any]:
+def run(
+    cfg: Config,
+    *,
+    top: int = 20,
+    output: Path | None = None,
+    threshold: float = 0.9,
+    epochs: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """Audit the logit store of ``cfg``; write the report into ``output`` (default runs/audit next to
     evaluate.output) and return the headline figures (also written to audit.json).
 
@@ -554,7 +561,9 @@ def run(cfg: Config, *, top: int = 20, output: Path | None = None, threshold: fl
         names = [str(i) for i in range(spec.num_classes)]
         train_files = [shard_name("train", s) for s in range(spec.n_shards)]
         val_files = [shard_name("val", s) for s in range(spec.n_val_shards)]
-    train = store.train_frame(group, classes=names)
+    if epochs is not None and any(not 0 <= e < spec.epochs for e in epochs):
+        raise store.StoreError(f"audit --epoch {sorted(epochs)}: {cfg.store.path} holds epochs 0..{spec.epochs - 1}")
+    train = store.train_frame(group, classes=names, epochs=epochs)  # all epochs: one row per stored view
     val_note = "the store has no val split"
     try:
         val = store.val_frame(group, classes=names) if spec.n_val else None

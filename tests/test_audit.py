@@ -423,3 +423,10 @@ def test_notebook_runs_against_the_tiny_store(planted, monkeypatch):
         for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )  # fmt: skip
     assert "3 train suspects" in text and "1 val suspects" in text
+
+
+def test_run_audits_only_the_chosen_epochs(planted, tmp_path):
+    h = audit.run(planted.cfg, top=3, output=tmp_path / "one", epochs=[1])
+    assert h["epochs"] == [1] and h["train_samples"] == len([v for v in planted.views if v["epoch"] == 1])
+    with pytest.raises(store.StoreError, match=f"holds epochs 0..{E - 1}"):
+        audit.run(planted.cfg, top=3, output=tmp_path / "bad", epochs=[E])
