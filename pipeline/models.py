@@ -100,12 +100,17 @@ def student_heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
 # ----------------------------------------------------------------------------------------- teacher
 
 
+def _replaces_stem_conv(model: nn.Module) -> bool:
+    """Whether :func:`_small_stem` swaps the stem conv for a new one (a ResNet-style 7×7 conv1 + max-pool)."""
+    return isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")
+
+
 def _small_stem(model: nn.Module, name: str) -> None:
     """Adapt a CNN for 28 to 64 px inputs: stride-1 3×3 stem and no max-pool (ResNet family) or a
     stride-1 first conv (others), so the early layers do not throw away most of a tiny image."""
     conv1 = getattr(model, "conv1", None)
     if conv1 is not None and hasattr(model, "maxpool"):
-        if isinstance(conv1, nn.Conv2d):
+        if _replaces_stem_conv(model):
             model.conv1 = nn.Conv2d(
                 conv1.in_channels,
                 conv1.out_channels,
@@ -206,14 +211,21 @@ def create_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> nn
       timm adapts the classifier to ``num_classes`` and the first conv to ``in_chans``.
     - neither: random weights (only useful for tests).
 
-    ``small_stem`` is applied after timm's pretrained loading, so with pretrained weights the new stem
-    conv is freshly initialised (ResNet) or keeps its weights at stride 1 (others).
+    ``small_stem`` with pretrained weights is refused where it would put a new, random stem conv on
+    them (ResNet-style stems; checked before any download); other models keep their first conv's
+    weights at stride 1.
     """
     if not timm.is_model(cfg.model):
         raise ModelError(f"teacher.model {cfg.model!r}: unknown timm model")
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint is not None else None
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     if cfg.pretrained:
+        if cfg.small_stem and _replaces_stem_conv(timm.create_model(cfg.model, pretrained=False, **kwargs)):
+            raise ModelError(
+                f"teacher.small_stem with teacher.pretrained: {cfg.model!r} would get a new, randomly "
+                "initialised stem conv on top of its pretrained weights; fine-tune it with `distill teacher-fit` "
+                "(pretrained: false) or use teacher.small_stem: false"
+            )
         if ckpt is not None:
             if not ckpt.is_file():
                 raise CheckpointNotFoundError(f"teacher.checkpoint {ckpt}: file not found")
@@ -232,12 +244,6 @@ def create_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> nn
                 "`distill teacher-fit` and set teacher.pretrained: false"
             ) from e
         if cfg.small_stem:
-            if isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
-                raise ModelError(
-                    f"teacher.small_stem with teacher.pretrained: {cfg.model!r} would get a new, randomly "
-                    "initialised stem conv on top of its pretrained weights; fine-tune it with `distill teacher-fit` "
-                    "(pretrained: false) or use teacher.small_stem: false"
-                )
             _small_stem(model, cfg.model)
         return model
 

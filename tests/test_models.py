@@ -262,3 +262,9 @@ def test_load_teacher_refuses_random_weights() -> None:
 def test_unknown_teacher_name() -> None:
     with pytest.raises(ModelError, match="not_a_cnn"):
         create_teacher(TeacherConfig(model="not_a_cnn"), num_classes=4, in_chans=1)
+
+
+def test_small_stem_on_pretrained_resnet_weights_is_refused_before_any_download() -> None:
+    # resnet18's 7x7 conv1 would be replaced by a random 3x3 one; no weights are fetched to find that out
+    with pytest.raises(ModelError, match="new, randomly initialised stem conv"):
+        create_teacher(TeacherConfig(model="resnet18", pretrained=True, small_stem=True), num_classes=10, in_chans=1)
