@@ -155,37 +155,37 @@ def test_stream_targets_match_plan_labels(shards):
         assert np.allclose(s.target.numpy(), expect)
 
 
-def test_out_of_order_shard_is_refused(shards):
+def _unit(shards, shard: int):
+    """(cfg, manifest, plan, end, raw samples) of one epoch-0 unit, to tamper with."""
     cfg, path = shards
     m = load_manifest(path)
-    start, end = m.ranges("train")[1]
-    plan = epoch_plan(cfg.aug, cfg.seed, 0, 1, start, end)
-    samples = list(read_shard(m.shard_paths("train")[1]))
+    start, end = m.ranges("train")[shard]
+    plan = epoch_plan(cfg.aug, cfg.seed, 0, shard, start, end)
+    return cfg, m, plan, end, list(read_shard(m.shard_paths("train")[shard]))
+
+
+def _replay(cfg, m, plan, end, samples) -> list:
+    return list(replay_unit(samples, plan, end, transform=train_transform(cfg.aug), aug=cfg.aug, seed=cfg.seed,
+                            num_classes=m.num_classes))
+
+
+def test_out_of_order_shard_is_refused(shards):
+    cfg, m, plan, end, samples = _unit(shards, 1)
     samples[0], samples[1] = samples[1], samples[0]
     with pytest.raises(ReplayError, match="expected sample index"):
-        list(replay_unit(samples, plan, end, transform=train_transform(cfg.aug), aug=cfg.aug,
-                         seed=cfg.seed, num_classes=m.num_classes))
+        _replay(cfg, m, plan, end, samples)
 
 
 @pytest.mark.parametrize(("change", "message"), [("drop", "shard ended at index"), ("extra", "more sample")])
 def test_shard_shorter_or_longer_than_the_manifest_is_refused(shards, change, message):
-    cfg, path = shards
-    m = load_manifest(path)
-    start, end = m.ranges("train")[1]
-    plan = epoch_plan(cfg.aug, cfg.seed, 0, 1, start, end)
-    samples = list(read_shard(m.shard_paths("train")[1]))
+    cfg, m, plan, end, samples = _unit(shards, 1)
     samples = samples[:-1] if change == "drop" else samples + samples[-1:]
     with pytest.raises(ReplayError, match=message):
-        list(replay_unit(samples, plan, end, transform=train_transform(cfg.aug), aug=cfg.aug,
-                         seed=cfg.seed, num_classes=m.num_classes))
+        _replay(cfg, m, plan, end, samples)
 
 
 def test_a_sample_with_a_non_integer_index_is_refused_by_name(shards):
-    cfg, path = shards
-    m = load_manifest(path)
-    start, end = m.ranges("train")[0]
-    plan = epoch_plan(cfg.aug, cfg.seed, 0, 0, start, end)
-    samples = list(read_shard(m.shard_paths("train")[0]))
+    cfg, _, plan, _, samples = _unit(shards, 0)
     samples[2] = {**samples[2], "idx": b"x2"}
     with pytest.raises(ShardError, match="field 'idx' is not an integer: 'x2'"):
-        replay_indices(samples, plan, [start], transform=train_transform(cfg.aug), seed=cfg.seed)
+        replay_indices(samples, plan, [plan.start], transform=train_transform(cfg.aug), seed=cfg.seed)
