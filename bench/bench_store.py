@@ -25,10 +25,10 @@ from store import (
     KIND_NONE,
     StoreSpec,
     create_store,
-    disk_bytes,
     finalize,
     open_store,
     read_train_unit,
+    stored_bytes,
     topk_from_logits,
     write_train_unit,
 )
@@ -103,7 +103,7 @@ def run_one(root: Path, c: int, k: int, codec: str, level: int, epochs_data, lab
             got += u.end - u.start
     read_s = time.perf_counter() - t0
     assert got == rows
-    total = disk_bytes(path) or 0
+    total = stored_bytes(r)
     targets = sum(dir_bytes(path / "train" / a) for a in TARGET_ARRAYS)
     return {
         "C": c,

@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader
 from bench.common import add_machine_args, load_average, set_threads
 from bench.data import ingest_with_random_teacher, source_root
 from pipeline.config import Config, load_config
+from pipeline.loading import ReplayDataset
 from pipeline.losses import teacher_targets_from_store
-from pipeline.replay import ReplayDataset
 from pipeline.shards import load_manifest
 from stages import student as student_stage
 from stages import teacher

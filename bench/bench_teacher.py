@@ -36,11 +36,11 @@ import store
 from bench.common import add_machine_args, at_least, load_average, set_threads
 from bench.data import ingest_with_random_teacher, source_root
 from pipeline.config import Config, load_config
+from pipeline.loading import ReplayDataset, make_loader, val_dataset
 from pipeline.models import load_teacher
-from pipeline.replay import ReplayDataset
+from pipeline.run_store import store_spec
 from pipeline.shards import load_manifest
 from stages import teacher
-from stages.common import make_loader
 
 TARGET = 0.90
 
@@ -68,11 +68,11 @@ def build(tmp: Path, args: argparse.Namespace) -> Config:
 def datasets(cfg: Config) -> list[tuple[str, ReplayDataset]]:
     """The stage's work on a fresh store: every (epoch, shard) train unit, then every val shard."""
     m = load_manifest(cfg.data.shards)
-    n_tr, n_va = len(m.ranges("train")), len(m.ranges("val"))
+    n_tr = len(m.ranges("train"))
     train = [(e, s) for e in range(cfg.teacher.epochs) for s in range(n_tr)]
     return [
         ("train", ReplayDataset(m, cfg.aug, cfg.seed, train, split="train")),
-        ("val", ReplayDataset(m, cfg.aug, cfg.seed, [(0, s) for s in range(n_va)], split="val")),
+        ("val", val_dataset(m, cfg.aug, cfg.seed)),
     ]
 
 
@@ -126,7 +126,7 @@ class Bench:
     def store_only(self) -> float:
         """The stage's own collector (top-k, scatter into unit buffers, Zarr writes) on cached logits."""
         assert self.cache is not None and self.logits is not None
-        spec = teacher.store_spec(self.cfg, self.manifest)
+        spec = store_spec(self.cfg, self.manifest)
         prov = {"teacher": "bench", "seed": self.cfg.seed}
         path = self._fresh("store")
         t0 = time.perf_counter()

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_interp_mode
-from timm.data.transforms_factory import transforms_imagenet_train
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
@@ -116,17 +116,11 @@ def train_transform(aug: AugConfig) -> transforms.Compose:
 
 
 def eval_transform(aug: AugConfig) -> transforms.Compose:
-    """Resize to img_size / crop_pct, centre crop, normalise: the evaluation view, no randomness."""
+    """timm's evaluation view: resize to img_size / crop_pct, centre crop, normalise; no randomness."""
     interp = "bicubic" if aug.interpolation == "random" else aug.interpolation
-    scale_size = int(aug.img_size / aug.crop_pct)
-    return transforms.Compose(
-        [
-            _to_rgb,
-            transforms.Resize(scale_size, interpolation=str_to_interp_mode(interp)),
-            transforms.CenterCrop(aug.img_size),
-            *_tensor_tail(aug, False),
-        ]
-    )
+    timm_eval = transforms_imagenet_eval(img_size=aug.img_size, crop_pct=aug.crop_pct, interpolation=interp,
+                                         mean=_rgb_stats(aug.mean), std=_rgb_stats(aug.std))
+    return transforms.Compose([_to_rgb, *timm_eval.transforms, _Channels(aug.channels)])
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import DistillError
+from store.layout import CODEC_LEVELS, CODECS
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -23,7 +26,7 @@ NonNegFloat = Annotated[float, Field(ge=0.0)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
-class ConfigError(ValueError):
+class ConfigError(DistillError, ValueError):
     """A config that cannot be used; the message names the file, key path and value."""
 
 
@@ -152,14 +155,15 @@ class TeacherConfig(Strict):
 
 class StoreConfig(Strict):
     path: Path = Path("data/logits.zarr")
-    codec: Literal["zstd", "blosc-lz4", "gzip", "none"] = "zstd"
-    level: Annotated[int, Field(ge=0, le=22)] = 3
+    codec: Literal[CODECS] = "zstd"  # type: ignore[valid-type]
+    level: Annotated[int, Field(ge=0)] = 3
     """zstd: 0 to 22; gzip and blosc-lz4: 0 to 9."""
 
     @model_validator(mode="after")
     def _level(self) -> StoreConfig:
-        if self.codec in ("gzip", "blosc-lz4") and self.level > 9:
-            raise ValueError(f"store.level {self.level} is out of range for {self.codec} (0 to 9)")
+        lo, hi = CODEC_LEVELS[self.codec]
+        if not lo <= self.level <= hi:
+            raise ValueError(f"store.level {self.level} is out of range for {self.codec} ({lo} to {hi})")
         return self
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import DistillError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -24,7 +26,7 @@ class DistEnv:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class DeviceError(ValueError):
+class DeviceError(DistillError, ValueError):
     """A device that this machine does not have."""
 
 

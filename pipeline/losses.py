@@ -213,6 +213,55 @@ def _split_outputs(outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor | None]
     )
 
 
+def _check_loss_args(kind: str, token: str, alpha: float, tau: float, teacher_smoothing: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown distillation kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if token not in TOKENS:
+        raise ValueError(f"unknown distillation token {token!r}; expected one of {', '.join(TOKENS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    _check_tau(tau)
+    if not 0.0 <= teacher_smoothing < 1.0:
+        raise ValueError(f"teacher_smoothing must be in [0, 1), got {teacher_smoothing!r}")
+
+
+def _as_soft_target(mixed_target: torch.Tensor, b: int, c: int) -> torch.Tensor:
+    """(B, C) soft targets as given, or (B,) int labels one-hot encoded (no smoothing)."""
+    if mixed_target.ndim == 1 and not mixed_target.is_floating_point():
+        mixed_target = F.one_hot(mixed_target.long(), c).float()
+    if mixed_target.shape != (b, c):
+        raise ValueError(
+            f"mixed_target must be (B, C) = ({b}, {c}) like the student logits, got {tuple(mixed_target.shape)}"
+        )
+    return mixed_target
+
+
+def _hard_term(student: torch.Tensor, teacher: TeacherTargets, smoothing: float) -> torch.Tensor:
+    """Cross-entropy of the student to the teacher's argmax (optionally label-smoothed)."""
+    b = student.shape[0]
+    if teacher.hard_label.shape != (b,):
+        raise ValueError(
+            f"teacher hard_label must be ({b},) like the student batch, got {tuple(teacher.hard_label.shape)}"
+        )
+    return F.cross_entropy(student.float(), teacher.hard_label.long(), label_smoothing=smoothing)
+
+
+def _soft_term(student: torch.Tensor, teacher: TeacherTargets, tau: float) -> torch.Tensor:
+    """KL(teacher_τ ‖ student_τ) · τ² / (batch × classes), as the official DeiT code normalises it."""
+    b, c = student.shape
+    if teacher.log_probs is None:
+        raise ValueError("soft distillation needs teacher log-probabilities (build targets with need_soft=True)")
+    if teacher.tau is not None and not math.isclose(teacher.tau, tau, rel_tol=1e-6):
+        raise ValueError(f"teacher targets were built at tau={teacher.tau} but the loss uses tau={tau}")
+    if teacher.log_probs.shape != (b, c):
+        raise ValueError(
+            f"teacher log_probs must be ({b}, {c}) like the student logits, got {tuple(teacher.log_probs.shape)}"
+        )
+    s = student.float()
+    kl = F.kl_div(F.log_softmax(s / tau, dim=1), teacher.log_probs.float(), reduction="sum", log_target=True)
+    return kl * (tau * tau) / s.numel()
+
+
 def distillation_loss(
     outputs: Outputs,
     mixed_target: torch.Tensor,
@@ -231,38 +280,21 @@ def distillation_loss(
     teacher term needs the pair. ``mixed_target`` is the (B, C) soft target (Mixup/CutMix λ and label
     smoothing already in); (B,) int labels are accepted and one-hot encoded without smoothing.
 
-    The soft term is ``F.kl_div(log_softmax(s/τ), teacher_log_probs, reduction='sum', log_target=True)
-    · τ² / s.numel()``: divided by batch × classes as in the official DeiT code, not by the batch
-    size, so its scale is 1/C of a per-sample KL.
+    The soft term is divided by batch × classes as in the official DeiT code, not by the batch size, so
+    its scale is 1/C of a per-sample KL (see :func:`_soft_term`).
 
     When the dist head is in ``outputs`` but unused (``none``, or ``token='class'``) it joins the graph
     with weight exactly 0, so DistributedDataParallel sees a (zero) gradient for every parameter and
     needs no ``find_unused_parameters``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown distillation kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if token not in TOKENS:
-        raise ValueError(f"unknown distillation token {token!r}; expected one of {', '.join(TOKENS)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    _check_tau(tau)
-    if not 0.0 <= teacher_smoothing < 1.0:
-        raise ValueError(f"teacher_smoothing must be in [0, 1), got {teacher_smoothing!r}")
+    _check_loss_args(kind, token, alpha, tau, teacher_smoothing)
 
     cls_logits, dist_logits = _split_outputs(outputs)
     if cls_logits.ndim != 2:
         raise ValueError(f"student logits must be (B, C), got shape {tuple(cls_logits.shape)}")
     b, c = cls_logits.shape
 
-    if mixed_target.ndim == 1 and not mixed_target.is_floating_point():
-        mixed_target = F.one_hot(mixed_target.long(), c).float()
-    if mixed_target.shape != (b, c):
-        raise ValueError(
-            f"mixed_target must be (B, C) = ({b}, {c}) like the student logits, "
-            f"got {tuple(mixed_target.shape)}"
-        )
-
-    base = soft_target_cross_entropy(cls_logits, mixed_target)
+    base = soft_target_cross_entropy(cls_logits, _as_soft_target(mixed_target, b, c))
     # Weight-0 link to an unused dist head: keeps DDP's every-parameter-gets-a-gradient invariant.
     unused = dist_logits.float().sum() * 0.0 if dist_logits is not None else None
 
@@ -284,38 +316,7 @@ def distillation_loss(
     else:
         student = cls_logits
 
-    if kind == "soft":
-        if teacher.log_probs is None:
-            raise ValueError(
-                "soft distillation needs teacher log-probabilities (build targets with need_soft=True)"
-            )
-        if teacher.tau is not None and not math.isclose(teacher.tau, tau, rel_tol=1e-6):
-            raise ValueError(f"teacher targets were built at tau={teacher.tau} but the loss uses tau={tau}")
-        if teacher.log_probs.shape != (b, c):
-            raise ValueError(
-                f"teacher log_probs must be ({b}, {c}) like the student logits, "
-                f"got {tuple(teacher.log_probs.shape)}"
-            )
-        s = student.float()
-        distill = (
-            F.kl_div(
-                F.log_softmax(s / tau, dim=1),
-                teacher.log_probs.float(),
-                reduction="sum",
-                log_target=True,
-            )
-            * (tau * tau)
-            / s.numel()
-        )
-    else:  # hard
-        if teacher.hard_label.shape != (b,):
-            raise ValueError(
-                f"teacher hard_label must be ({b},) like the student batch, "
-                f"got {tuple(teacher.hard_label.shape)}"
-            )
-        distill = F.cross_entropy(
-            student.float(), teacher.hard_label.long(), label_smoothing=teacher_smoothing
-        )
+    distill = _soft_term(student, teacher, tau) if kind == "soft" else _hard_term(student, teacher, teacher_smoothing)
 
     total = (1.0 - alpha) * base + alpha * distill
     if unused is not None:

@@ -9,10 +9,8 @@ or from timm's pretrained weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,12 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
-from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.config import Config, StudentConfig, TeacherConfig
+from pipeline.errors import DistillError
+from pipeline.files import atomic_torch_save, sha256_file
 
 
-class ModelError(ValueError):
+class ModelError(DistillError, ValueError):
     """A model or checkpoint that cannot be built or loaded; the message names the model or file."""
 
 
@@ -256,37 +256,16 @@ def create_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> nn
     return model
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks: the teacher's identity in the store's provenance."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_teacher_checkpoint(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any]) -> str:
     """Write ``{'model': state_dict, 'meta': meta}`` atomically and return the file's sha256.
 
-    The temp file + ``os.replace`` means a crash never leaves a half-written checkpoint that a later
-    stage would hash and trust. ``meta`` is normalised through JSON (paths become strings) so the file
-    loads with ``torch.load(weights_only=True)``.
+    A crash never leaves a half-written checkpoint that a later stage would hash and trust. ``meta`` is
+    normalised through JSON (paths become strings) so the file loads with ``torch.load(weights_only=True)``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     plain_meta = json.loads(json.dumps(meta, default=str))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": state, "meta": plain_meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return file_sha256(path)
+    atomic_torch_save({"model": state, "meta": plain_meta}, path)
+    return sha256_file(path)
 
 
 def load_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> tuple[nn.Module, str]:
@@ -307,4 +286,30 @@ def load_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> tupl
 
 def teacher_identity(cfg: TeacherConfig) -> str:
     """What identifies the teacher's weights in provenance: the checkpoint's sha256, or the hub name."""
-    return file_sha256(cfg.checkpoint) if cfg.checkpoint is not None else f"pretrained:{cfg.model}"
+    return sha256_file(cfg.checkpoint) if cfg.checkpoint is not None else f"pretrained:{cfg.model}"
+
+
+def resolve_teacher(cfg: Config) -> Config:
+    """Without a checkpoint or hub weights, the teacher is the one ``distill teacher-fit`` wrote."""
+    t = cfg.teacher
+    if t.checkpoint is not None or t.pretrained:
+        return cfg
+    if not Path(t.fit.output).is_file():
+        raise CheckpointNotFoundError(
+            f"no teacher weights: {t.fit.output} does not exist. Run `distill teacher-fit` first, "
+            "or set teacher.checkpoint (a local file) or teacher.pretrained: true."
+        )
+    return cfg.model_copy(update={"teacher": t.model_copy(update={"checkpoint": Path(t.fit.output)})})
+
+
+def teacher_forward(model: nn.Module, x: torch.Tensor, device: torch.device, to_cpu: bool = True) -> torch.Tensor:
+    """Teacher logits in float32; bf16 autocast and channels_last on CUDA, plain float32 on CPU."""
+    with torch.no_grad():  # not inference_mode: online targets feed the student's loss, outside it
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x.contiguous(memory_format=torch.channels_last))
+        else:
+            out = model(x)
+    out = out.float()
+    return out.cpu() if to_cpu else out

@@ -10,22 +10,37 @@ targets and re-derived by the student, and the two must agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from pipeline.config import AugConfig
+from pipeline.errors import DistillError
 from pipeline.rng import TAG_PLAN, derive_seed
-from store.layout import KIND_CUTMIX, KIND_MIXUP, KIND_NONE
-from store.layout import KIND_LABELS as KIND_NAMES
+from store.layout import KIND_CUTMIX, KIND_MIXUP, KIND_NAMES, KIND_NONE
 
-__all__ = ["KIND_CUTMIX", "KIND_MIXUP", "KIND_NAMES", "KIND_NONE", "EpochPlan", "epoch_plan", "soft_target"]
+__all__ = ["EVAL_EPOCH", "KIND_CUTMIX", "KIND_MIXUP", "KIND_NAMES", "KIND_NONE", "EpochPlan", "PlanMismatch",
+           "check_plan", "epoch_plan", "soft_target", "stored_epoch"]
+
+
+EVAL_EPOCH = -1
+"""The epoch of an evaluation view: no augmentation, so no epoch (``ReplaySample.epoch`` of val views)."""
+
+
+def stored_epoch(train_epoch: int, stored_epochs: int) -> int:
+    """The stored epoch (0 .. E-1) that training epoch ``train_epoch`` replays: ``t mod E``."""
+    return train_epoch % stored_epochs
+
+
+class PlanMismatch(DistillError):
+    """Stored targets were written for another mix plan than the one being replayed."""
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """Plan arrays for one (epoch, shard) unit; row i is global index ``start + i``."""
+    """Plan arrays for one (stored epoch, shard) unit; row i is global index ``start + i``."""
 
-    epoch: int
+    epoch: int  # the stored epoch (or a teacher-fit epoch, which is never stored)
     shard: int
     start: int
     partner: np.ndarray  # int64 global index of the partner (itself when unmixed)
@@ -97,3 +112,25 @@ def soft_target(
     target[label] += (on - off) * lam
     target[partner_label] += (on - off) * (1.0 - lam)
     return target.astype(np.float32)
+
+
+class _StoredPlan(Protocol):
+    partner: np.ndarray
+    kind: np.ndarray
+    lam: np.ndarray
+
+
+def check_plan(where: str, stored: _StoredPlan, plan: EpochPlan) -> None:
+    """Refuse stored rows whose (partner, kind, λ) differ from the plan being replayed: training on targets
+    that describe other images would fail silently, so it fails loudly instead. ``where`` names the store."""
+    bad = (stored.partner != plan.partner) | (stored.kind != plan.kind) | (stored.lam != plan.lam)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    raise PlanMismatch(
+        f"logit store {where}: unit (epoch {plan.epoch}, shard {plan.shard}) was written with another mix plan "
+        f"({int(bad.sum())} of {len(bad)} samples differ). First at index {plan.start + i}: stored partner "
+        f"{int(stored.partner[i])}, {KIND_NAMES[int(stored.kind[i])]}, lam {float(stored.lam[i]):.6g}; replayed "
+        f"partner {int(plan.partner[i])}, {KIND_NAMES[int(plan.kind[i])]}, lam {float(plan.lam[i]):.6g}. "
+        "Refusing to train on misaligned targets: re-run `distill teacher` for this config."
+    )

@@ -10,29 +10,27 @@ window of the same shard, so a reader holds at most one window of base views.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.augment import eval_transform, train_transform
 from pipeline.config import AugConfig
-from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, EpochPlan, epoch_plan, soft_target
-from pipeline.rng import TAG_SHUFFLE, derive_seed, streams, view_keys, views_scope
-from pipeline.shards import Manifest, decode_sample, sample_index
+from pipeline.errors import DistillError
+from pipeline.plan import EVAL_EPOCH, KIND_CUTMIX, KIND_MIXUP, KIND_NONE, EpochPlan, soft_target
+from pipeline.rng import streams, view_keys, views_scope
+from pipeline.shards import decode_sample, sample_index
 
 
-class ReplayError(RuntimeError):
+class ReplayError(DistillError, RuntimeError):
     """The shards do not hold what the manifest and the plan promise."""
 
 
 class ReplaySample(NamedTuple):
     """One training (or evaluation) view with everything needed to join and check its targets."""
 
-    epoch: int  # the stored epoch replayed (-1 for evaluation views)
+    epoch: int  # the stored epoch replayed (EVAL_EPOCH for evaluation views)
     index: int
     view: torch.Tensor
     target: torch.Tensor  # mixed, smoothed soft label (one-hot-like for evaluation views)
@@ -133,119 +131,10 @@ def eval_unit(
             raise ReplayError(f"{source}: expected sample index {expected}, found {index}")
         target = torch.zeros(num_classes)
         target[label] = 1.0
-        yield ReplaySample(-1, index, transform(img), target, label, index, 0, 1.0)
+        yield ReplaySample(EVAL_EPOCH, index, transform(img), target, label, index, KIND_NONE, 1.0)
         expected += 1
     if expected != end:
         raise ReplayError(f"{source}: shard ended at index {expected}, the manifest says {end}")
-
-
-def read_shard(path: str) -> Iterator[dict]:
-    """Raw samples of one shard, in stored order, through WebDataset (whole shard, no splitting)."""
-    return iter(
-        wds.WebDataset(
-            [path], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-    )
-
-
-def worker_units(
-    units: Sequence[tuple[int, int]], rank: int, world: int, worker: int, workers: int
-) -> list[tuple[int, int]]:
-    """The (epoch, shard) units one DataLoader worker of one rank streams: units[rank::world][worker::workers]."""
-    return list(units)[rank::world][worker :: max(workers, 1)]
-
-
-def loader_batches(
-    ranges: Sequence[tuple[int, int]],
-    units: Sequence[tuple[int, int]],
-    batch_size: int,
-    workers: int,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    drop_last: bool = False,
-) -> int:
-    """Batches a DataLoader over :class:`ReplayDataset` yields on ``rank``: every worker batches its own
-    units' samples, so each ends with its own partial batch (dropped with ``drop_last``)."""
-    counts = (sum(ranges[s][1] - ranges[s][0] for _, s in worker_units(units, rank, world, w, workers))
-              for w in range(max(workers, 1)))
-    return sum(n // batch_size if drop_last else -(-n // batch_size) for n in counts)
-
-
-class ReplayDataset(IterableDataset):
-    """Streams whole (epoch, shard) units: rank r takes units[r::world], worker w of those [w::workers].
-
-    ``split="val"`` yields evaluation views (the epoch in each unit is ignored). ``shuffle`` > 0 adds
-    a seeded shuffle buffer of that many samples, seeded by ``order_epoch`` (default: the first
-    unit's epoch); only the order changes, never a view. ``join``,
-    called once per train unit with its plan (inside the worker), returns a function that maps each
-    replayed sample to the item to yield: how the student attaches a unit's stored targets, read once.
-    """
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        aug: AugConfig,
-        seed: int,
-        units: Sequence[tuple[int, int]],
-        *,
-        split: str = "train",
-        rank: int = 0,
-        world: int = 1,
-        shuffle: int = 0,
-        join: Callable[[EpochPlan], Callable[[ReplaySample], Any]] | None = None,
-        order_epoch: int | None = None,
-    ) -> None:
-        self.manifest, self.aug, self.seed, self.split = manifest, aug, seed, split
-        self.units = list(units)
-        self.rank, self.world, self.shuffle, self.join = rank, world, shuffle, join
-        self.order_epoch = order_epoch if order_epoch is not None else (self.units[0][0] if self.units else 0)
-
-    def my_units(self) -> list[tuple[int, int]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return worker_units(self.units, self.rank, self.world, wid, nw)
-
-    def _stream(self) -> Iterator[Any]:
-        paths = self.manifest.shard_paths(self.split)
-        ranges = self.manifest.ranges(self.split)
-        c = self.manifest.num_classes
-        if self.split == "train":
-            transform = train_transform(self.aug)
-            for epoch, shard in self.my_units():
-                start, end = ranges[shard]
-                plan = epoch_plan(self.aug, self.seed, epoch, shard, start, end)
-                samples = replay_unit(
-                    read_shard(paths[shard]), plan, end,
-                    transform=transform, aug=self.aug, seed=self.seed, num_classes=c, source=paths[shard],
-                )
-                yield from samples if self.join is None else map(self.join(plan), samples)
-        else:
-            transform = eval_transform(self.aug)
-            for _, shard in self.my_units():
-                start, end = ranges[shard]
-                yield from eval_unit(read_shard(paths[shard]), transform, c, start, end, paths[shard])
-
-    def __iter__(self) -> Iterator[Any]:
-        if self.shuffle <= 1:
-            yield from self._stream()
-            return
-        info = get_worker_info()
-        wid = info.id if info is not None else 0
-        rng = np.random.default_rng(derive_seed(TAG_SHUFFLE, self.seed, self.order_epoch, self.rank, wid))
-        buf: list[ReplaySample] = []
-        for s in self._stream():
-            buf.append(s)
-            if len(buf) >= self.shuffle:
-                yield _pop_random(buf, rng)
-        while buf:
-            yield _pop_random(buf, rng)
-
-
-def _pop_random(buf: list, rng: np.random.Generator):
-    k = int(rng.integers(len(buf)))
-    buf[k], buf[-1] = buf[-1], buf[k]
-    return buf.pop()
 
 
 def replay_indices(

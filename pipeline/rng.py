@@ -2,9 +2,9 @@
 
 timm's transforms draw from the global ``random`` and ``numpy.random`` modules. The replay contract
 needs each view to be a pure function of (seed, epoch, index), and the training loop needs its own
-global RNG streams left alone; and a 28 px view takes ~130 µs, so the determinism must cost only a
-few µs per view. Re-seeding Python's Mersenne Twister, NumPy's and torch's per sample cost ~37 µs
-(the transform evicts the seeding code from the caches between views), so instead:
+global RNG streams left alone; and a small view is cheap, so the determinism must cost little per
+view (re-seeding Python's Mersenne Twister, NumPy's and torch's per sample cost too much: the README's
+benchmark section has the figures). So instead:
 
 * every view draws from its own SplitMix64 stream, keyed by (seed, epoch, index). The first
   ``STREAM_HEAD`` uniforms of a window's streams are computed in one vectorised NumPy pass; a view
@@ -98,14 +98,14 @@ def stream_heads(keys: np.ndarray, n: int = STREAM_HEAD) -> np.ndarray:
 
 
 Stream = Callable[[], float]
-"""Returns the next uniform in [0, 1) of one view's stream (a C ``__next__``: ~30 ns a draw)."""
+"""Returns the next uniform in [0, 1) of one view's stream (a C ``__next__``, so a draw is cheap)."""
 
 
 def streams(keys: np.ndarray, n: int = STREAM_HEAD) -> list[Stream]:
     """The streams of many views, their first ``n`` uniforms computed in one vectorised pass.
 
     Each iterates a ``memoryview`` slice of the heads, so a Python float is made only when drawn (a
-    window's worth of float objects up front slows the transforms ~3%), then goes on in Python.
+    window's worth of float objects up front slows the transforms measurably), then goes on in Python.
     """
     heads = memoryview(stream_heads(keys, n).ravel())
     return [chain(heads[j * n : (j + 1) * n], _stream_tail(k, n)).__next__ for j, k in enumerate(keys.tolist())]
@@ -127,7 +127,7 @@ def _no_stream() -> float:
 class SampleRandom:
     """The ``random`` module as timm's transforms use it, drawing from one view's stream.
 
-    ``random`` is a bound C ``__next__`` over the stream, so a draw costs ~30 ns. Integers and choices
+    ``random`` is a bound C ``__next__`` over the stream, so a draw costs little. Integers and choices
     scale a 53-bit uniform (bias below 2**-40 for any range a transform uses). Methods timm does not
     call today are answered by a Mersenne Twister seeded from the stream when first asked.
     """

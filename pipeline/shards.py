@@ -26,13 +26,17 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import webdataset as wds
 from PIL import Image
 
 from pipeline.config import Config, canonical_hash
+from pipeline.errors import DistillError
+from pipeline.files import atomic_write_json, sha256_file
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -44,7 +48,7 @@ LOCATION_FIELDS = ("shards", "root", "train_root", "val_root", "train_shards")
 """Data fields that do not change what ingest writes (where things are; which shards later stages use)."""
 
 
-class ShardError(ValueError):
+class ShardError(DistillError, ValueError):
     """A shards folder or manifest that cannot be used; the message names the file."""
 
 
@@ -62,14 +66,6 @@ def data_config_hash(config: Config) -> str:
     for k in LOCATION_FIELDS:
         data.pop(k, None)
     return canonical_hash({"data": data, "seed": config.seed})
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -248,6 +244,12 @@ def open_shards(config: Config) -> Manifest:
     return m.first_train_shards(n)
 
 
+def run_manifest(shards_dir: Path | str, n_train_shards: int) -> Manifest:
+    """The manifest a teacher run used, from the shard folder and the store's train shard count
+    (``data.train_shards`` cuts the manifest, and the cut has its own fingerprint)."""
+    return load_manifest(shards_dir).first_train_shards(n_train_shards)
+
+
 def load_manifest(shards_dir: Path | str) -> Manifest:
     """Load and check ``<shards_dir>/manifest.json`` (format, ranges, fingerprint)."""
     root = Path(shards_dir).absolute()
@@ -282,10 +284,7 @@ def write_manifest(shards_dir: Path | str, body: dict[str, Any]) -> Manifest:
     body.pop("fingerprint", None)
     m = _from_dict(root, body, root / MANIFEST_NAME)
     m = Manifest(**{**m.__dict__, "fingerprint": canonical_hash(_body(m))})
-    text = json.dumps(m.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-    tmp = root / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, root / MANIFEST_NAME)
+    atomic_write_json(root / MANIFEST_NAME, m.to_dict(), ensure_ascii=False)
     return m
 
 
@@ -365,3 +364,12 @@ def decode_sample(sample: dict[str, Any]) -> tuple[int, int, Image.Image]:
     image = Image.open(io.BytesIO(bytes(data)))
     image.load()
     return index, label, image
+
+
+def read_shard(path: str) -> Iterator[dict]:
+    """Raw samples of one shard, in stored order, through WebDataset (whole shard, no splitting)."""
+    return iter(
+        wds.WebDataset(
+            [path], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+        )
+    )

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import DistillError
+
 GZIP_MAGIC = b"\x1f\x8b"
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +35,7 @@ IDX_PREFIX = {"train": "train", "val": "t10k"}
 _IDX_UBYTE = 0x08
 
 
-class IngestError(ValueError):
+class IngestError(DistillError, ValueError):
     """An input that cannot be ingested; the message names the path."""
 
 

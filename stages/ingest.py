@@ -22,6 +22,8 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.config import Config, canonical_hash
+from pipeline.files import sha256_file
+from pipeline.progress import progress_bar
 from pipeline.shards import (
     MANIFEST_NAME,
     SPLITS,
@@ -30,13 +32,11 @@ from pipeline.shards import (
     data_config_hash,
     encode_sample,
     load_manifest,
-    sha256_file,
     shard_files_present,
     shard_name,
     write_manifest,
 )
 from pipeline.sources import CorruptImage, IngestError, Record, Source, read_source
-from stages.common import progress_bar
 
 __all__ = ["IngestError", "run", "shuffle_records", "input_key"]
 
@@ -156,7 +156,7 @@ def _check_replaceable(out: Path) -> None:
         return
     if not out.is_dir():
         raise IngestError(f"{out}: data.shards exists and is not a folder")
-    ours = (MANIFEST_NAME, f".{MANIFEST_NAME}.tmp-")
+    ours = (MANIFEST_NAME, f".{MANIFEST_NAME}.")  # the manifest and its temporary file
     foreign = sorted(
         e.name for e in out.iterdir() if not (e.name.startswith(ours) or _SHARD_FILE.match(e.name))
     )

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 import store
-from pipeline.plan import KIND_NAMES, EpochPlan
-from pipeline.replay import ReplaySample, loader_batches
+from pipeline.loading import loader_batches
+from pipeline.plan import EpochPlan, check_plan
+from pipeline.replay import ReplaySample
 from stages.common import StageError
 
 
@@ -32,20 +33,6 @@ class StudentSample(NamedTuple):
     t_logits: np.ndarray
     t_classes: np.ndarray
     t_lse: float
-
-
-def check_plan(path: str | Path, unit: store.TrainUnit, plan: EpochPlan) -> None:
-    """Refuse a unit whose stored (partner, kind, λ) differ from the plan being replayed."""
-    bad = (unit.partner != plan.partner) | (unit.kind != plan.kind) | (unit.lam != plan.lam)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise StageError(
-            f"logit store {path}: unit (epoch {plan.epoch}, shard {plan.shard}) was written with another mix plan "
-            f"({int(bad.sum())} of {len(bad)} samples differ). First at index {plan.start + i}: stored partner "
-            f"{int(unit.partner[i])}, {KIND_NAMES[int(unit.kind[i])]}, lam {float(unit.lam[i]):.6g}; replayed partner "
-            f"{int(plan.partner[i])}, {KIND_NAMES[int(plan.kind[i])]}, lam {float(plan.lam[i]):.6g}. "
-            "Refusing to train on misaligned targets: re-run `distill teacher` for this config."
-        )
 
 
 class StoreJoin:

@@ -19,36 +19,12 @@ from tqdm import tqdm
 import store
 from pipeline import distributed
 from pipeline.config import Config
-from pipeline.models import load_teacher
-from pipeline.replay import ReplayDataset
+from pipeline.loading import ReplayDataset, make_loader
+from pipeline.models import load_teacher, resolve_teacher, teacher_forward
+from pipeline.progress import progress_bar
+from pipeline.run_store import store_provenance, store_spec
 from pipeline.shards import Manifest, open_shards
-from stages.common import StageError, make_loader, progress_bar, store_provenance
-
-
-def resolve_teacher(cfg: Config) -> Config:
-    """Without a checkpoint or hub weights, the teacher is the one ``distill teacher-fit`` wrote."""
-    t = cfg.teacher
-    if t.checkpoint is not None or t.pretrained:
-        return cfg
-    if not Path(t.fit.output).is_file():
-        raise StageError(
-            f"no teacher weights: {t.fit.output} does not exist. Run `distill teacher-fit` first, "
-            "or set teacher.checkpoint (a local file) or teacher.pretrained: true."
-        )
-    return cfg.model_copy(update={"teacher": t.model_copy(update={"checkpoint": Path(t.fit.output)})})
-
-
-def teacher_forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device, to_cpu: bool = True) -> torch.Tensor:
-    """Teacher logits in float32; bf16 autocast and channels_last on CUDA, plain float32 on CPU."""
-    with torch.no_grad():  # not inference_mode: online targets feed the student's loss, outside it
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(x.contiguous(memory_format=torch.channels_last))
-        else:
-            out = model(x)
-    out = out.float()
-    return out.cpu() if to_cpu else out
+from stages.common import StageError
 
 
 @dataclass
@@ -135,18 +111,6 @@ def _run_units(
         collector.add(batch.epoch.numpy(), batch.index.numpy(), logits, batch)
         bar.update(len(batch.index))
     collector.check_complete()
-
-
-def store_spec(cfg: Config, manifest: Manifest) -> store.StoreSpec:
-    return store.StoreSpec(
-        num_classes=manifest.num_classes,
-        epochs=cfg.teacher.epochs,
-        topk=cfg.teacher.topk,
-        train_ranges=tuple(manifest.ranges("train")),
-        val_ranges=tuple(manifest.ranges("val")),
-        codec=cfg.store.codec,
-        level=cfg.store.level,
-    )
 
 
 def _count(manifest: Manifest, split: str, units: Iterable[tuple[int, int]]) -> int:

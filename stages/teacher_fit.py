@@ -7,7 +7,6 @@ records a hash of everything that shaped it, so a rerun with the same inputs doe
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,11 +15,13 @@ from timm.scheduler import CosineLRScheduler
 
 from pipeline import distributed
 from pipeline.config import Config, canonical_hash
+from pipeline.files import atomic_write_json
+from pipeline.loading import ReplayDataset, loader_batches, make_loader, val_dataset
 from pipeline.losses import soft_target_cross_entropy
 from pipeline.models import create_teacher, save_teacher_checkpoint
-from pipeline.replay import ReplayDataset, loader_batches
+from pipeline.progress import progress_bar
 from pipeline.shards import Manifest, open_shards
-from stages.common import StageError, make_loader, progress_bar
+from stages.common import StageError
 
 FIT_EPOCH_BASE = 1_000_000
 """Fit epoch t replays augmentation epoch FIT_EPOCH_BASE + t: fresh views, never a stored epoch's."""
@@ -53,14 +54,47 @@ def _existing_hash(path: Path) -> str | None:
 def evaluate_top1(model: torch.nn.Module, manifest: Manifest, cfg: Config, device: torch.device) -> float:
     """Top-1 accuracy on the val shards (evaluation views)."""
     model.eval()
-    units = [(0, s) for s in range(len(manifest.ranges("val")))]
-    ds = ReplayDataset(manifest, cfg.aug, cfg.seed, units, split="val")
     correct = total = 0
-    for batch in make_loader(ds, cfg.evaluate.batch_size, 0):
+    for batch in make_loader(val_dataset(manifest, cfg.aug, cfg.seed), cfg.evaluate.batch_size, 0):
         pred = model(batch.view.to(device)).argmax(1).cpu()
         correct += int((pred == batch.label).sum())
         total += len(pred)
     return correct / max(total, 1)
+
+
+def _fit(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.device,
+         progress: bool) -> list[dict[str, float]]:
+    """SGD (Nesterov) with a cosine schedule over fresh views each epoch; returns the per-epoch losses."""
+    fit, n_train, ranges = cfg.teacher.fit, manifest.count("train"), manifest.ranges("train")
+    shards = range(len(ranges))
+    steps_per_epoch = loader_batches(ranges, [(0, s) for s in shards], fit.batch_size, cfg.teacher.workers)
+    lr = fit.lr * fit.batch_size / 256
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=fit.weight_decay)
+    sched = CosineLRScheduler(
+        opt, t_initial=fit.epochs * steps_per_epoch, lr_min=lr * 1e-3,
+        warmup_t=fit.warmup_epochs * steps_per_epoch, warmup_lr_init=lr * 0.01, t_in_epochs=False,
+    )
+    fit_aug, history, step = cfg.fit_aug(), [], 0
+    with progress_bar(fit.epochs * n_train, f"teacher-fit {cfg.teacher.model}", "im", progress) as bar:
+        for epoch in range(fit.epochs):
+            model.train()
+            units = [(FIT_EPOCH_BASE + epoch, s) for s in shards]
+            ds = ReplayDataset(manifest, fit_aug, cfg.seed, units, shuffle=min(4096, n_train))
+            loss_sum = seen = 0.0
+            for batch in make_loader(ds, fit.batch_size, cfg.teacher.workers):
+                x, y = batch.view.to(device), batch.target.to(device)
+                loss = soft_target_cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                sched.step_update(step)
+                loss_sum += float(loss.detach()) * len(x)
+                seen += len(x)
+                bar.update(len(x))
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", refresh=False)
+            history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1)})
+    return history
 
 
 def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool = False) -> Path:
@@ -79,41 +113,8 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     torch.manual_seed(cfg.seed)
     model = create_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     model.to(env.device)
-    n_train = manifest.count("train")
-    ranges = manifest.ranges("train")
-    steps_per_epoch = loader_batches(ranges, [(0, s) for s in range(len(ranges))], fit.batch_size,
-                                     cfg.teacher.workers)
-    lr = fit.lr * fit.batch_size / 256
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=fit.weight_decay)
-    sched = CosineLRScheduler(
-        opt, t_initial=fit.epochs * steps_per_epoch, lr_min=lr * 1e-3,
-        warmup_t=fit.warmup_epochs * steps_per_epoch, warmup_lr_init=lr * 0.01, t_in_epochs=False,
-    )
-    shards = range(len(ranges))
-    fit_aug = cfg.fit_aug()
-    history = []
     t0 = time.perf_counter()
-    step = 0
-    with progress_bar(fit.epochs * n_train, f"teacher-fit {cfg.teacher.model}", "im", progress) as bar:
-        for epoch in range(fit.epochs):
-            model.train()
-            units = [(FIT_EPOCH_BASE + epoch, s) for s in shards]
-            ds = ReplayDataset(manifest, fit_aug, cfg.seed, units, shuffle=min(4096, n_train))
-            loss_sum = seen = 0.0
-            for batch in make_loader(ds, fit.batch_size, cfg.teacher.workers):
-                x, y = batch.view.to(env.device), batch.target.to(env.device)
-                loss = soft_target_cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                sched.step_update(step)
-                loss_sum += float(loss.detach()) * len(x)
-                seen += len(x)
-                bar.update(len(x))
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", refresh=False)
-            history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1)})
-
+    history = _fit(cfg, manifest, model, env.device, progress)
     top1 = evaluate_top1(model, manifest, cfg, env.device)
     elapsed = time.perf_counter() - t0
     meta = {
@@ -128,7 +129,6 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     }
     model.cpu()
     sha = save_teacher_checkpoint(model, out, meta)
-    report = {**meta, "sha256": sha, "history": history}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out.with_suffix(".json"), {**meta, "sha256": sha, "history": history}, sort_keys=False)
     print(f"teacher-fit: val top-1 {top1:.4f} after {fit.epochs} epochs ({elapsed:.0f} s) -> {out} (sha256 {sha[:12]})")
     return out

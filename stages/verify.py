@@ -16,13 +16,11 @@ import store
 from pipeline.augment import train_transform
 from pipeline.config import Config
 from pipeline.distributed import resolve_device
-from pipeline.models import load_teacher
-from pipeline.plan import epoch_plan
-from pipeline.replay import read_shard, replay_indices
-from pipeline.shards import open_shards
-from stages.common import store_provenance
-from stages.student_data import check_plan
-from stages.teacher import resolve_teacher, teacher_forward
+from pipeline.models import load_teacher, resolve_teacher, teacher_forward
+from pipeline.plan import check_plan, epoch_plan
+from pipeline.replay import replay_indices
+from pipeline.run_store import store_provenance
+from pipeline.shards import open_shards, read_shard
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto") 
         order = sorted(views)
         logits = teacher_forward(model, torch.stack([views[i] for i in order]), dev).numpy()
         unit = store.read_train_unit(group, e, s)
-        check_plan(cfg.store.path, unit, plan)
+        check_plan(str(cfg.store.path), unit, plan)
         rows = np.array(order) - starts[s]
         agree += int((logits.argmax(1) == unit.hard_label[rows]).sum())
         recomputed = np.take_along_axis(logits, unit.topk_classes[rows].astype(np.int64), axis=1)

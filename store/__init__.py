@@ -9,37 +9,36 @@ from store.layout import (
     CODECS,
     FORMAT,
     KIND_CUTMIX,
-    KIND_LABELS,
     KIND_MIXUP,
+    KIND_NAMES,
     KIND_NONE,
     StoreSpec,
     array_layout,
     create_store,
-    disk_bytes,
     finalize,
     spec_of,
+    stored_bytes,
 )
 from store.provenance import IDENTITY_FIELDS, ProvenanceMismatch, StoreError
 from store.reader import (
     MissingUnit,
     TrainUnit,
     ValUnit,
-    dense_soft_target,
     done_mask,
     open_store,
     read_train_unit,
     read_val,
-    stored_probs,
     val_done_mask,
 )
-from store.writer import topk_from_logits, write_train_unit, write_val_unit
+from store.targets import dense_soft_target, stored_probs, tail_mass, topk_from_logits
+from store.writer import write_train_unit, write_val_unit
 
 __all__ = [
     "CODECS",
     "FORMAT",
     "IDENTITY_FIELDS",
     "KIND_CUTMIX",
-    "KIND_LABELS",
+    "KIND_NAMES",
     "KIND_MIXUP",
     "KIND_NONE",
     "MissingUnit",
@@ -52,7 +51,7 @@ __all__ = [
     "create_store",
     "dense_soft_target",
     "describe",
-    "disk_bytes",
+    "stored_bytes",
     "done_mask",
     "finalize",
     "open_store",
@@ -60,6 +59,7 @@ __all__ = [
     "read_val",
     "spec_of",
     "stored_probs",
+    "tail_mass",
     "topk_from_logits",
     "train_frame",
     "val_done_mask",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from store.layout import array_layout, disk_bytes, spec_of
+from store.layout import array_layout, spec_of, stored_bytes
 from store.reader import done_mask, open_store, val_done_mask
 
 
@@ -44,15 +44,10 @@ def describe(path: str | Path) -> str:
         lines.append(
             "partial epochs: " + ", ".join(f"{e} ({int(done[e].sum())}/{done.shape[1]})" for e in partial)
         )
-    nbytes = disk_bytes(path)
-    if nbytes is None:
-        lines.append("bytes on disk: n/a (remote store)")
-    else:
-        sizes = np.array([b - a for a, b in spec.train_ranges])
-        rows = max(int((done * sizes).sum()), 1)
-        lines.append(
-            f"bytes on disk: {nbytes} ({_human(nbytes)}); ~{nbytes / rows:.1f} per done (sample, epoch)"
-        )
+    nbytes = stored_bytes(root)
+    sizes = np.array([b - a for a, b in spec.train_ranges])
+    rows = max(int((done * sizes).sum()), 1)
+    lines.append(f"bytes on disk: {nbytes} ({_human(nbytes)}); ~{nbytes / rows:.1f} per done (sample, epoch)")
     lines.append(f"codec: {spec.codec} level {spec.level}")
     lines.append("arrays:")
     for name, (shape, chunks, dtype, _) in array_layout(spec).items():

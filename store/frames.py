@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from store.layout import KIND_LABELS, KIND_NONE, spec_of
-from store.reader import done_mask, read_val, stored_probs, train_unit_arrays
+from store.layout import KIND_NAMES, KIND_NONE, spec_of
+from store.reader import done_mask, read_val, train_unit_arrays
+from store.targets import stored_probs, tail_mass
 
 __all__ = ["train_frame", "val_frame"]
 
@@ -42,8 +43,7 @@ def _teacher_columns(
     in_topk = hit.any(axis=1)
     exact = np.where(hit, probs, 0.0).sum(axis=1)
     if k < num_classes:
-        tail = np.maximum(1.0 - probs.sum(axis=1, dtype=np.float64), 0.0)
-        estimate = tail / (num_classes - k)
+        estimate = np.maximum(tail_mass(topk_logits, logsumexp), 0.0) / (num_classes - k)
         p_label = np.where(in_topk, exact, estimate)
     else:
         p_label = exact
@@ -127,7 +127,7 @@ def train_frame(
     cols = {k: (np.concatenate(parts[k]) if k in parts else np.zeros(0, dtype=t)) for k, t in empty.items()}
 
     df = pd.DataFrame({k: v for k, v in cols.items() if k != "kind"})
-    df.insert(df.columns.get_loc("partner"), "kind", pd.Categorical.from_codes(cols["kind"], KIND_LABELS))
+    df.insert(df.columns.get_loc("partner"), "kind", pd.Categorical.from_codes(cols["kind"], KIND_NAMES))
     partner = cols["partner"]
     valid = (partner >= 0) & (partner < len(all_labels))
     plabel = pd.Series(all_labels[np.where(valid, partner, 0)], dtype="Int64").mask(~valid)

@@ -11,7 +11,6 @@ with mode "r+") after a barrier. Concurrent first creation by many processes is 
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,11 +30,18 @@ from store.provenance import (
 
 FORMAT = 1
 KIND_NONE, KIND_MIXUP, KIND_CUTMIX = 0, 1, 2
-KIND_LABELS: tuple[str, ...] = ("none", "mixup", "cutmix")
+KIND_NAMES: tuple[str, ...] = ("none", "mixup", "cutmix")
 """Names of the stored ``kind`` codes (KIND_NONE, KIND_MIXUP, KIND_CUTMIX)."""
-CODECS = ("zstd", "blosc-lz4", "gzip", "none")
+CODEC_LEVELS: dict[str, tuple[int, int]] = {"zstd": (0, 22), "blosc-lz4": (0, 9), "gzip": (0, 9), "none": (0, 22)}
+"""Each codec the store can use, with its range of compression levels."""
+CODECS = tuple(CODEC_LEVELS)
 SPEC_IDENTITY = ("num_classes", "epochs", "topk", "train_ranges", "val_ranges")
 """Spec fields that must match on reopen; codec and level only change how bytes are stored."""
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """The dtype of class ids in the store: uint16 below 65,536 classes."""
+    return np.dtype(np.uint16) if num_classes <= 65535 else np.dtype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ class StoreSpec:
 
     @property
     def label_dtype(self) -> np.dtype:
-        return np.dtype(np.uint16) if self.num_classes <= 65535 else np.dtype(np.int32)
+        return label_dtype(self.num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return normalize(asdict(self))
@@ -133,9 +139,9 @@ def validate_spec(spec: StoreSpec) -> None:
             raise ValueError(f"StoreSpec.{name} must be an integer >= 1, got {v!r}")
     if spec.codec not in CODECS:
         raise ValueError(f"StoreSpec.codec must be one of {list(CODECS)}, got {spec.codec!r}")
-    hi = 22 if spec.codec in ("zstd", "none") else 9
-    if not 0 <= spec.level <= hi:
-        raise ValueError(f"StoreSpec.level for codec {spec.codec!r} must be in [0, {hi}], got {spec.level}")
+    lo, hi = CODEC_LEVELS[spec.codec]
+    if not lo <= spec.level <= hi:
+        raise ValueError(f"StoreSpec.level for codec {spec.codec!r} must be in [{lo}, {hi}], got {spec.level}")
     _check_ranges("train_ranges", spec.train_ranges, allow_empty=False)
     _check_ranges("val_ranges", spec.val_ranges, allow_empty=True)
 
@@ -292,15 +298,7 @@ def create_store(path: str | Path, spec: StoreSpec, provenance: dict[str, Any]) 
     return zarr.open_group(store_path(path), mode="r+", use_consolidated=False)
 
 
-def disk_bytes(path: str | Path) -> int | None:
-    """Bytes of all files under a local store (None for remote URLs)."""
-    if not _is_local(path):
-        return None
-    total = 0
-    for dirpath, _, files in os.walk(_local_path(path)):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
-                pass
-    return total
+def stored_bytes(group: zarr.Group) -> int:
+    """Bytes the store's arrays occupy where they are kept (chunks and metadata; zarr's own count, which works
+    for local and remote stores alike)."""
+    return sum(int(group[name].nbytes_stored()) for name in array_layout(spec_of(group)))

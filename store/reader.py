@@ -22,17 +22,12 @@ __all__ = [
     "StoreError",
     "TrainUnit",
     "ValUnit",
-    "dense_soft_target",
     "done_mask",
     "open_store",
     "read_train_unit",
     "read_val",
-    "stored_probs",
     "val_done_mask",
 ]
-
-TINY_TAIL = 1e-12
-"""Floor for the tail mass when float16 rounding makes the stored probabilities sum to >= 1."""
 
 
 class MissingUnit(StoreError):
@@ -157,49 +152,3 @@ def read_val(group: zarr.Group) -> ValUnit:
         logsumexp=group["val/logsumexp"][:n],
         label=group["val/label"][:n],
     )
-
-
-def stored_probs(topk_logits: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
-    """Exact teacher probabilities (temperature 1) of the stored classes: exp(logit - logsumexp)."""
-    tl = np.asarray(topk_logits, dtype=np.float32)
-    return np.exp(tl - np.asarray(logsumexp, dtype=np.float32)[..., None])
-
-
-def dense_soft_target(
-    topk_logits: np.ndarray,
-    topk_classes: np.ndarray,
-    logsumexp: np.ndarray,
-    num_classes: int,
-    tau: float = 1.0,
-) -> np.ndarray:
-    """(n, C) float32 teacher distribution at temperature ``tau``, rows summing to 1.
-
-    Exact (up to float16 storage) when k == C. When k < C the tail mass 1 - sum(stored probs) is
-    spread evenly over the unstored classes at tau = 1 (each gets logit lse + log(tail / (C - k))),
-    then the softmax at ``tau`` is taken over all C logits: tau = 1 reproduces the stored
-    probabilities exactly and an even tail.
-    """
-    if tau <= 0:
-        raise ValueError(f"dense_soft_target: tau must be > 0, got {tau}")
-    tl = np.asarray(topk_logits, dtype=np.float64)
-    tc = np.asarray(topk_classes).astype(np.intp)
-    lse = np.asarray(logsumexp, dtype=np.float64)
-    n, k = tl.shape
-    if tc.shape != (n, k) or lse.shape != (n,):
-        raise ValueError(
-            f"dense_soft_target: shapes do not agree: topk_logits {tl.shape}, topk_classes {tc.shape}, "
-            f"logsumexp {lse.shape}"
-        )
-    if k > num_classes:
-        raise ValueError(f"dense_soft_target: k={k} > num_classes={num_classes}")
-    z = np.empty((n, num_classes), dtype=np.float64)
-    if k < num_classes:
-        tail = 1.0 - np.exp(tl - lse[:, None]).sum(axis=1)
-        tail = np.maximum(tail, TINY_TAIL)
-        z[:] = (lse + np.log(tail / (num_classes - k)))[:, None]
-    np.put_along_axis(z, tc, tl, axis=1)
-    z /= tau
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    return p.astype(np.float32)

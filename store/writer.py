@@ -12,55 +12,6 @@ import zarr
 from store.layout import KIND_CUTMIX, StoreSpec, spec_of
 
 
-def _topk_order(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, by value descending then class ascending (= a stable sort).
-
-    argpartition finds the candidates in O(C); only rows whose ties straddle the k-th place (where
-    the candidate set itself is ambiguous) fall back to a full stable sort.
-    """
-    if k >= x.shape[1]:
-        return np.argsort(-x, axis=1, kind="stable")
-    part = np.argpartition(-x, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(x, part, axis=1)
-    order = np.take_along_axis(part, np.lexsort((part, -vals), axis=1), axis=1)
-    kth = vals.min(axis=1, keepdims=True)
-    ambiguous = np.flatnonzero((x == kth).sum(axis=1) > (vals == kth).sum(axis=1))
-    if ambiguous.size:
-        order[ambiguous] = np.argsort(-x[ambiguous], axis=1, kind="stable")[:, :k]
-    return order
-
-
-def topk_from_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Full (n, C) logits -> (top-k logits float16 sorted descending, their classes, argmax, logsumexp).
-
-    Ties are broken by lowest class id first (a stable sort), so the result is deterministic; the
-    argmax is the first of the sorted classes, consistent with ``np.argmax``. logsumexp is of the
-    full logits at temperature 1, in float32, so readers can rebuild exact probabilities.
-    """
-    x = np.asarray(logits)
-    if x.ndim != 2 or x.shape[1] < 1:
-        raise ValueError(f"topk_from_logits: expected (n, C) logits, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"topk_from_logits: logits must be floating point, got {x.dtype}")
-    if not np.isfinite(x).all():
-        raise ValueError("topk_from_logits: logits contain NaN or inf")
-    x = x.astype(np.float32, copy=False)
-    n, c = x.shape
-    if k < 1:
-        raise ValueError(f"topk_from_logits: k must be >= 1, got {k}")
-    k = min(k, c)
-    order = _topk_order(x, k)
-    top = np.take_along_axis(x, order, axis=1)
-    m = x.max(axis=1, keepdims=True)
-    # exp in float32 (each term exact to ~1e-7 relative), summed in float64
-    lse = (m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=1, dtype=np.float64))).astype(
-        np.float32
-    )
-    label_dtype = np.uint16 if c <= 65535 else np.int32
-    classes = order.astype(label_dtype)
-    return top.astype(np.float16), classes, classes[:, 0].copy(), lse
-
-
 def _arr(where: str, name: str, value: object, shape: tuple[int, ...], kind: str) -> np.ndarray:
     a = np.asarray(value)
     if a.shape != shape:

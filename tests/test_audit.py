@@ -17,8 +17,9 @@ import pytest
 from conftest import ROOT, make_config, make_idx
 
 import store
-from pipeline.shards import ShardError, load_manifest, open_shards
-from stages import audit, ingest
+from pipeline import audit_tables
+from pipeline.shards import ShardError, load_manifest, open_shards, run_manifest
+from stages import audit, audit_report, ingest
 
 C = 4
 NAMES = ["ant", "bee", "cat", "dog"]
@@ -172,7 +173,7 @@ def test_train_frame_has_one_row_per_done_view(planted):
     assert df["teacher"].tolist() == [v["teacher"] for v in planted.views]
     assert df["label"].tolist() == [v["label"] for v in planted.views]
     assert list(df["kind"].cat.categories) == ["none", "mixup", "cutmix"]
-    assert df["kind"].tolist() == [store.KIND_LABELS[v["kind"]] for v in planted.views]
+    assert df["kind"].tolist() == [store.KIND_NAMES[v["kind"]] for v in planted.views]
     assert len(store.train_frame(g, [1])) == 25 and set(store.train_frame(g, [2])["shard"]) == {0, 2}
     assert store.train_frame(g, []).empty
     with pytest.raises(ValueError, match="epochs"):
@@ -236,11 +237,11 @@ def test_dense_all_mixed_store_has_no_unmixed_figures(tmp_path):
     df = store.train_frame(g)
     assert df["label_in_topk"].all()
     np.testing.assert_allclose(df["p_label"], softmax(x)[np.arange(6), label], atol=4e-3)
-    t = audit.audit_frames(df, None, ["a", "b", "c"], threshold=0.0)
+    t = audit_tables.audit_frames(df, None, ["a", "b", "c"], threshold=0.0)
     assert t.headline["unmixed_samples"] == 0 and t.headline["unmixed_disagreement"] is None
     assert t.headline["mixed_samples"] == 6 and t.suspects.empty and t.suspects_val is None
     assert t.headline["val_disagreement"] is None
-    files = audit.write_report(t, ["a", "b", "c"], tmp_path / "out")
+    files = audit_report.write_report(t, ["a", "b", "c"], tmp_path / "out")
     assert "no unmixed train views" in (tmp_path / "out" / "audit.md").read_text()
     assert all((tmp_path / "out" / f).is_file() for f in files)
 
@@ -260,7 +261,7 @@ def expected_per_class(views: list[dict], pred=lambda v: True) -> tuple[list[int
 
 def test_audit_tables_match_what_was_planted(planted):
     g = store.open_store(planted.store_path)
-    t = audit.audit_frames(store.train_frame(g, classes=NAMES), store.val_frame(g, classes=NAMES), NAMES, top=5)
+    t = audit_tables.audit_frames(store.train_frame(g, classes=NAMES), store.val_frame(g, classes=NAMES), NAMES, top=5)
     views, unmixed = planted.views, [v for v in planted.views if v["kind"] == store.KIND_NONE]
     h = t.headline
     mixed = [v for v in views if v["kind"] != store.KIND_NONE]
@@ -308,7 +309,7 @@ def test_audit_tables_match_what_was_planted(planted):
 def test_suspects_are_exactly_the_confident_unmixed_contradictions(planted):
     g = store.open_store(planted.store_path)
     files = [f"train-{s:06d}.tar" for s in range(3)]
-    sus = audit.suspects(store.train_frame(g, classes=NAMES), NAMES, 0.9, files)
+    sus = audit_tables.suspects(store.train_frame(g, classes=NAMES), NAMES, 0.9, files)
     # sorted by mean p_teacher: strengths 9 > 7 > 5; 17 is mixed in epoch 1 and undone in epoch 2
     assert sus["index"].tolist() == [3, 17, 22]
     assert sus["key"].tolist() == ["00000003", "00000017", "00000022"]
@@ -321,9 +322,9 @@ def test_suspects_are_exactly_the_confident_unmixed_contradictions(planted):
     assert sus["teacher_name"].tolist() == [NAMES[(lab[i] + 1) % C] for i in (3, 17, 22)]
     assert (sus["mean_p_teacher"] >= 0.9).all() and sus["mean_p_teacher"].is_monotonic_decreasing
     # the threshold: 0.995 drops index 22 (strength 5: p ~ 0.99), 0.4 adds the weak contradiction (p ~ 0.53)
-    assert audit.suspects(store.train_frame(g), NAMES, 0.995)["index"].tolist() == [3, 17]
-    assert 7 in audit.suspects(store.train_frame(g), NAMES, 0.4)["index"].tolist()
-    vs = audit.suspects(store.val_frame(g), NAMES, 0.9, ["val-000000.tar", "val-000001.tar"])
+    assert audit_tables.suspects(store.train_frame(g), NAMES, 0.995)["index"].tolist() == [3, 17]
+    assert 7 in audit_tables.suspects(store.train_frame(g), NAMES, 0.4)["index"].tolist()
+    vs = audit_tables.suspects(store.val_frame(g), NAMES, 0.9, ["val-000000.tar", "val-000001.tar"])
     assert vs["index"].tolist() == [VAL_CONFIDENT] and vs["file"].tolist() == ["val-000000.tar"]
 
 
@@ -373,8 +374,8 @@ def test_run_manifest_is_the_manifest_the_teacher_run_cut(planted, tmp_path):
     assert n >= 2
     cut = make_config(tmp_path, {"source": "idx", "root": str(planted.root / "idx"), "shards": str(planted.shards),
                                  "train_shards": n - 1})
-    assert audit.run_manifest(planted.shards, n - 1).fingerprint == open_shards(cut).fingerprint != full.fingerprint
-    assert audit.run_manifest(planted.shards, n).fingerprint == full.fingerprint
+    assert run_manifest(planted.shards, n - 1).fingerprint == open_shards(cut).fingerprint != full.fingerprint
+    assert run_manifest(planted.shards, n).fingerprint == full.fingerprint
 
 
 def test_run_refuses_a_broken_manifest_instead_of_ignoring_it(planted, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from stages.cli import main
 
 STAGES = ("ingest", "teacher-fit", "teacher", "verify", "student", "evaluate", "audit", "store")
 

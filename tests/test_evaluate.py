@@ -8,12 +8,12 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from pipeline.checkpoint import CHECKPOINT, load_student
 from pipeline.config import StudentConfig
 from pipeline.evaluation import collect_logits, collect_logits_many, topk_accuracy
 from pipeline.models import create_student
 from stages.common import StageError
-from stages.evaluate import load_student, student_names
-from stages.student import CHECKPOINT
+from stages.evaluate import student_names
 
 TINY = StudentConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2, distillation="hard")
 

@@ -12,12 +12,12 @@ from torch import nn
 
 from pipeline import models
 from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.files import sha256_file as file_sha256
 from pipeline.models import (
     CheckpointNotFoundError,
     ModelError,
     create_student,
     create_teacher,
-    file_sha256,
     load_teacher,
     save_teacher_checkpoint,
     student_heads,

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.augment import train_transform
 from pipeline.config import AugConfig, Config
+from pipeline.loading import ReplayDataset
 from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE, epoch_plan, soft_target
-from pipeline.replay import ReplayDataset, ReplayError, mix_views, read_shard, replay_indices, replay_unit
-from pipeline.shards import ShardError, load_manifest
+from pipeline.replay import ReplayError, mix_views, replay_indices, replay_unit
+from pipeline.shards import ShardError, load_manifest, read_shard
 from stages import ingest
 
 AUG = {

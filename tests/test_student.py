@@ -34,14 +34,14 @@ from conftest import make_config, write_idx
 from torch.utils.data import DataLoader
 
 import store
-from pipeline.cli import main as cli_main
 from pipeline.config import Config
+from pipeline.loading import ReplayDataset
 from pipeline.models import create_teacher, save_teacher_checkpoint
-from pipeline.replay import ReplayDataset
 from pipeline.shards import load_manifest
 from stages import ingest
 from stages import student as student_stage
 from stages import teacher as teacher_stage
+from stages.cli import main as cli_main
 from stages.common import StageError
 from stages.student_data import StoreJoin
 
@@ -284,7 +284,7 @@ def test_two_process_torchrun_finishes_with_uneven_shards(mixed, tmp_path):
     cfg = with_student(mixed, epochs=2, output=tmp_path / "ddp")
     path = write_yaml(cfg, tmp_path / "cfg.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "pipeline.cli", "student", "-c", str(path), "--quiet", "--device", "cpu"]
+           "-m", "stages", "student", "-c", str(path), "--quiet", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

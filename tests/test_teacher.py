@@ -26,10 +26,10 @@ from click.testing import CliRunner
 from conftest import make_config, make_idx
 
 import store
-from pipeline.cli import main as cli
 from pipeline.config import Config
-from pipeline.models import create_teacher, save_teacher_checkpoint
+from pipeline.models import create_teacher, resolve_teacher, save_teacher_checkpoint
 from stages import ingest, teacher, teacher_fit, verify
+from stages.cli import main as cli
 from stages.common import StageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +170,7 @@ def test_store_identical_for_1_process_and_torchrun_2_ranks(base: Config, refere
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-port", str(free_port()),
-        "-m", "pipeline.cli", "teacher", "-c", str(cfg_yaml), "--quiet", "--device", "cpu",
+        "-m", "stages", "teacher", "-c", str(cfg_yaml), "--quiet", "--device", "cpu",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -187,7 +187,7 @@ def _late(group):  # rank 1 reads the done marks late, as a descheduled or slow-
 import os
 if os.environ.get("RANK") == "1":
     store.done_mask = _late
-from pipeline.cli import main
+from stages.cli import main
 main(sys.argv[1:])
 """
 
@@ -226,7 +226,7 @@ def killed(base: Config, tmp_path_factory) -> tuple[Config, Path, Path, np.ndarr
 
     path = tmp / "killed.zarr"
     cfg_yaml = write_yaml(at(cfg, path), tmp / "cfg.yaml")
-    cmd = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", str(cfg_yaml), "--quiet",
+    cmd = [sys.executable, "-m", "stages", "teacher", "-c", str(cfg_yaml), "--quiet",
            "--batch-size", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -338,7 +338,7 @@ def test_teacher_stage_refuses_store_of_another_run(mismatches, reference: Path,
 
 
 def test_a_store_drawn_with_other_view_streams_is_refused(base: Config, reference: Path, monkeypatch):
-    monkeypatch.setattr("stages.common.STREAM_VERSION", 1)  # as a store written before the streams changed
+    monkeypatch.setattr("pipeline.run_store.STREAM_VERSION", 1)  # as a store written before the streams changed
     with pytest.raises(store.ProvenanceMismatch) as exc:
         teacher.run(at(base, reference), progress=False, device="cpu")
     assert exc.value.fields == ["view_stream"]
@@ -372,7 +372,7 @@ def test_teacher_fit_rerun_is_up_to_date_and_does_not_rewrite(base: Config, tmp_
     assert "up to date" in capsys.readouterr().out
     assert out.stat().st_mtime_ns == stat.st_mtime_ns and out.stat().st_ino == stat.st_ino
     # and the fitted checkpoint is what the teacher stage picks up without teacher.checkpoint
-    resolved = teacher.resolve_teacher(cfg)
+    resolved = resolve_teacher(cfg)
     assert resolved.teacher.checkpoint == out
 
 

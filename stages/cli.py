@@ -15,20 +15,15 @@ from typing import Any
 import click
 
 from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from pipeline.errors import DistillError
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error types (imported only when an error is being matched, so --help stays fast)."""
-    from pipeline.distributed import DeviceError
-    from pipeline.models import ModelError
-    from pipeline.replay import ReplayError
-    from pipeline.shards import ShardError
-    from pipeline.sources import IngestError
-    from stages.common import StageError
+    """The project's own error types (the store's imported only when an error is being matched, so --help
+    stays fast)."""
     from store import StoreError
 
-    return (ConfigError, FileNotFoundError, IngestError, ShardError, ReplayError, ModelError, StoreError,
-            StageError, DeviceError)
+    return (DistillError, StoreError, FileNotFoundError)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -145,7 +140,7 @@ def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: boo
     \b
     Each (epoch, shard) unit is replayed exactly as the student will see it, and its top-k logits,
     hard label, logsumexp and mix plan are written, then marked done. A rerun skips done units, so
-    an interrupted run resumes. Scale out with: torchrun --nproc-per-node N $(which distill) teacher
+    an interrupted run resumes. Scale out with: torchrun --nproc-per-node N -m stages teacher
     """
     from stages import teacher as stage
 
@@ -199,7 +194,7 @@ def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_ep
     \b
     Training epoch t replays stored epoch t mod E, checks each unit's stored mix plan against the
     replayed one, and resumes from student.output/checkpoint.pt when it matches this run.
-    Scale out with: torchrun --nproc-per-node N $(which distill) student
+    Scale out with: torchrun --nproc-per-node N -m stages student
     """
     from stages import student as stage
 

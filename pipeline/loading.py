@@ -1,0 +1,145 @@
+"""The DataLoader side of replay: which (epoch, shard) units a rank and worker stream, and the loader.
+
+Views come from :mod:`pipeline.replay`; this module deals units to ranks and DataLoader workers,
+adds the seeded shuffle buffer, attaches per-unit targets (``join``) and sets the DataLoader up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.augment import eval_transform, train_transform
+from pipeline.config import AugConfig
+from pipeline.plan import EpochPlan, epoch_plan
+from pipeline.replay import ReplaySample, eval_unit, replay_unit
+from pipeline.rng import TAG_SHUFFLE, derive_seed
+from pipeline.shards import Manifest, read_shard
+
+
+def worker_units(
+    units: Sequence[tuple[int, int]], rank: int, world: int, worker: int, workers: int
+) -> list[tuple[int, int]]:
+    """The (epoch, shard) units one DataLoader worker of one rank streams: units[rank::world][worker::workers]."""
+    return list(units)[rank::world][worker :: max(workers, 1)]
+
+
+def loader_batches(
+    ranges: Sequence[tuple[int, int]],
+    units: Sequence[tuple[int, int]],
+    batch_size: int,
+    workers: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = False,
+) -> int:
+    """Batches a DataLoader over :class:`ReplayDataset` yields on ``rank``: every worker batches its own
+    units' samples, so each ends with its own partial batch (dropped with ``drop_last``)."""
+    counts = (sum(ranges[s][1] - ranges[s][0] for _, s in worker_units(units, rank, world, w, workers))
+              for w in range(max(workers, 1)))
+    return sum(n // batch_size if drop_last else -(-n // batch_size) for n in counts)
+
+
+class ReplayDataset(IterableDataset):
+    """Streams whole (epoch, shard) units: rank r takes units[r::world], worker w of those [w::workers].
+
+    ``split="val"`` yields evaluation views (the epoch in each unit is ignored). ``shuffle`` > 0 adds
+    a seeded shuffle buffer of that many samples, seeded by ``order_epoch`` (default: the first
+    unit's epoch); only the order changes, never a view. ``join``,
+    called once per train unit with its plan (inside the worker), returns a function that maps each
+    replayed sample to the item to yield: how the student attaches a unit's stored targets, read once.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        aug: AugConfig,
+        seed: int,
+        units: Sequence[tuple[int, int]],
+        *,
+        split: str = "train",
+        rank: int = 0,
+        world: int = 1,
+        shuffle: int = 0,
+        join: Callable[[EpochPlan], Callable[[ReplaySample], Any]] | None = None,
+        order_epoch: int | None = None,
+    ) -> None:
+        self.manifest, self.aug, self.seed, self.split = manifest, aug, seed, split
+        self.units = list(units)
+        self.rank, self.world, self.shuffle, self.join = rank, world, shuffle, join
+        self.order_epoch = order_epoch if order_epoch is not None else (self.units[0][0] if self.units else 0)
+
+    def my_units(self) -> list[tuple[int, int]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return worker_units(self.units, self.rank, self.world, wid, nw)
+
+    def _stream(self) -> Iterator[Any]:
+        paths = self.manifest.shard_paths(self.split)
+        ranges = self.manifest.ranges(self.split)
+        c = self.manifest.num_classes
+        if self.split == "train":
+            transform = train_transform(self.aug)
+            for epoch, shard in self.my_units():
+                start, end = ranges[shard]
+                plan = epoch_plan(self.aug, self.seed, epoch, shard, start, end)
+                samples = replay_unit(
+                    read_shard(paths[shard]), plan, end,
+                    transform=transform, aug=self.aug, seed=self.seed, num_classes=c, source=paths[shard],
+                )
+                yield from samples if self.join is None else map(self.join(plan), samples)
+        else:
+            transform = eval_transform(self.aug)
+            for _, shard in self.my_units():
+                start, end = ranges[shard]
+                yield from eval_unit(read_shard(paths[shard]), transform, c, start, end, paths[shard])
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.shuffle <= 1:
+            yield from self._stream()
+            return
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        rng = np.random.default_rng(derive_seed(TAG_SHUFFLE, self.seed, self.order_epoch, self.rank, wid))
+        buf: list[ReplaySample] = []
+        for s in self._stream():
+            buf.append(s)
+            if len(buf) >= self.shuffle:
+                yield _pop_random(buf, rng)
+        while buf:
+            yield _pop_random(buf, rng)
+
+
+def _pop_random(buf: list, rng: np.random.Generator):
+    k = int(rng.integers(len(buf)))
+    buf[k], buf[-1] = buf[-1], buf[k]
+    return buf.pop()
+
+
+def val_units(manifest: Manifest) -> list[tuple[int, int]]:
+    """The units of the val split: every val shard once (the epoch is not used for evaluation views)."""
+    return [(0, s) for s in range(len(manifest.shards("val")))]
+
+
+def val_dataset(manifest: Manifest, aug: AugConfig, seed: int) -> ReplayDataset:
+    """Evaluation views of the whole val split, in index order."""
+    return ReplayDataset(manifest, aug, seed, val_units(manifest), split="val")
+
+
+def make_loader(dataset: IterableDataset, batch_size: int, workers: int, drop_last: bool = False) -> DataLoader:
+    """Batches of replayed samples; workers each stream whole units (see ReplayDataset), each ending
+    with its own partial batch unless ``drop_last`` (see :func:`loader_batches`)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,75 @@
+"""What a run expects of its logit store: the spec (shapes, chunks, codec) and the provenance.
+
+The teacher stage creates the store from these; the student, verify and audit open it with the same
+provenance, so a store written for another teacher, augmentation, seed, E, K or shard set is refused
+by name (see ``store.IDENTITY_FIELDS``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+import store
+from pipeline.config import Config
+from pipeline.rng import STREAM_VERSION
+from pipeline.shards import Manifest
+
+VERSIONED = ("torch", "timm", "zarr", "numcodecs", "webdataset", "numpy", "pillow")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def store_spec(cfg: Config, manifest: Manifest) -> store.StoreSpec:
+    return store.StoreSpec(
+        num_classes=manifest.num_classes,
+        epochs=cfg.teacher.epochs,
+        topk=cfg.teacher.topk,
+        train_ranges=tuple(manifest.ranges("train")),
+        val_ranges=tuple(manifest.ranges("val")),
+        codec=cfg.store.codec,
+        level=cfg.store.level,
+    )
+
+
+def store_provenance(cfg: Config, manifest: Manifest, teacher_sha256: str) -> dict[str, Any]:
+    """Identity of the targets a teacher run writes (see store.IDENTITY_FIELDS) plus informational keys."""
+    return {
+        "teacher": cfg.teacher.model,
+        "teacher_sha256": teacher_sha256,
+        "teacher_small_stem": cfg.teacher.small_stem,
+        "aug_hash": cfg.section_hash("aug"),
+        "view_stream": STREAM_VERSION,
+        "seed": cfg.seed,
+        "epochs": cfg.teacher.epochs,
+        "topk": cfg.teacher.topk,
+        "num_classes": manifest.num_classes,
+        "manifest_fingerprint": manifest.fingerprint,
+        "aug": cfg.aug.model_dump(mode="json"),
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def open_complete_store(cfg: Config, manifest: Manifest, teacher_sha256: str):
+    """The run's store, read-only, refused when written for another run or when a train unit is not done."""
+    group = store.open_store(cfg.store.path, expected=store_provenance(cfg, manifest, teacher_sha256))
+    missing = np.argwhere(~store.done_mask(group))
+    if len(missing):
+        units = ", ".join(f"(epoch {e}, shard {s})" for e, s in missing[:5])
+        raise store.MissingUnit(
+            f"logit store {cfg.store.path}: {len(missing)} unit(s) not done, e.g. {units}; "
+            "run `distill teacher` to complete it"
+        )
+    return group
