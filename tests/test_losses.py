@@ -11,6 +11,7 @@ import torch
 from pipeline.losses import (
     LossParts,
     TeacherTargets,
+    dense_log_probs_from_topk,
     distillation_loss,
     teacher_targets_from_logits,
     teacher_targets_from_store,
@@ -312,3 +313,18 @@ def test_store_targets_feed_the_loss_like_online_targets() -> None:
     b = distillation_loss((cls_logits, dist_logits), target, online, **kw).total
     assert math.isclose(float(a), float(b), rel_tol=1e-3)
     assert isinstance(offline, TeacherTargets)
+
+
+@pytest.mark.parametrize(("n_cls", "k", "tau"), [(12, 3, 1.0), (12, 3, 2.5), (7, 7, 1.0), (7, 7, 4.0)])
+def test_numpy_and_torch_rebuild_the_same_distribution(n_cls: int, k: int, tau: float) -> None:
+    """store.dense_soft_target (numpy, audits) and dense_log_probs_from_topk (torch, the loss) are twins."""
+    import store
+
+    rng = np.random.default_rng(4)
+    logits = (2 * rng.standard_normal((B, n_cls))).astype(np.float32)
+    topk, classes, lse, _ = _fake_store(logits, k=k)
+    numpy_p = store.dense_soft_target(topk, classes, lse, n_cls, tau=tau)
+    torch_p = dense_log_probs_from_topk(torch.from_numpy(topk.astype(np.float32)),
+                                        torch.from_numpy(classes.astype(np.int64)), torch.from_numpy(lse),
+                                        n_cls, tau).exp()
+    np.testing.assert_allclose(torch_p.numpy(), numpy_p, rtol=1e-4, atol=1e-6)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_idx
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.augment import train_transform
@@ -190,3 +191,22 @@ def test_a_sample_with_a_non_integer_index_is_refused_by_name(shards):
     samples[2] = {**samples[2], "idx": b"x2"}
     with pytest.raises(ShardError, match="field 'idx' is not an integer: 'x2'"):
         replay_indices(samples, plan, [plan.start], transform=train_transform(cfg.aug), seed=cfg.seed)
+
+
+@pytest.mark.parametrize(("img_size", "crop_pct", "channels", "shape"), [
+    (28, 1.0, 1, (28, 28)), (32, 0.875, 3, (40, 33, 3)), (64, 0.9, 3, (50, 90, 3)),
+])
+def test_the_eval_view_is_resize_centre_crop_normalise(img_size, crop_pct, channels, shape):
+    """timm's transforms_imagenet_eval gives exactly the view written out by hand (gray models: channel 0)."""
+    from torchvision.transforms import functional as F
+
+    from pipeline.augment import eval_transform
+
+    stats = {"mean": (0.3,) * channels, "std": (0.4,) * channels}
+    aug = AugConfig(img_size=img_size, crop_pct=crop_pct, channels=channels, **stats)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    x = F.to_tensor(F.center_crop(F.resize(img.convert("RGB"), int(img_size / crop_pct),
+                                           interpolation=F.InterpolationMode.BICUBIC), img_size))[:channels]
+    want = F.normalize(x, stats["mean"], stats["std"])
+    assert torch.equal(eval_transform(aug)(img), want)
