@@ -41,6 +41,7 @@ from pipeline.models import load_teacher
 from pipeline.run_store import store_spec
 from pipeline.shards import load_manifest
 from stages import teacher
+from stages.teacher_units import Collector
 
 TARGET = 0.90
 
@@ -131,8 +132,9 @@ class Bench:
         path = self._fresh("store")
         t0 = time.perf_counter()
         group = store.create_store(path, spec, prov)
+        claims = store.Claims(store.objects_of(group))  # the collector lets go of each unit's claim
         for (split, batches), logits in zip(self.cache, self.logits, strict=True):
-            col = teacher._Collector(group, self.manifest, split, spec.k)
+            col = Collector(group, self.manifest, split, spec.k, claims, str(path))
             for b, lg in zip(batches, logits, strict=True):
                 col.add(b.epoch.numpy(), b.index.numpy(), lg, b)
             col.check_complete()
@@ -142,10 +144,10 @@ class Bench:
         return dt
 
     def stage(self, workers: int) -> tuple[float, float]:
-        """(whole run() call seconds, seconds inside the stage's unit loops: replay + forward + store)."""
+        """(whole run() call seconds, seconds computing its units: replay + forward + store, per claimed wave)."""
         path = self._fresh("stage")
         cfg = self.cfg.model_copy(update={"store": self.cfg.store.model_copy(update={"path": path})})
-        inner = teacher._run_units
+        inner = teacher._compute
         loop = [0.0]
 
         def timed(*a, **kw):
@@ -156,14 +158,14 @@ class Bench:
                 loop[0] += time.perf_counter() - t
 
         out = io.StringIO()
-        teacher._run_units = timed
+        teacher._compute = timed
         try:
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(out):
                 teacher.run(cfg, workers=workers, progress=False, device="cpu")
             dt = time.perf_counter() - t0
         finally:
-            teacher._run_units = inner
+            teacher._compute = inner
         g = store.open_store(path)  # every unit written
         assert store.done_mask(g).all() and store.val_done_mask(g).all()
         return dt, loop[0]

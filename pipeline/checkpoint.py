@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.config import StudentConfig
 from pipeline.errors import DistillError
-from pipeline.files import atomic_torch_save
+from pipeline.files import atomic_torch_save, torch_load
 from pipeline.models import create_student
 
 CHECKPOINT = "checkpoint.pt"
@@ -69,18 +69,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no student checkpoint at {path}; run `distill student` for it first")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle (refused by weights_only), not a torch file
-        raise CheckpointError(f"{path}: not a readable student checkpoint ({_first_line(e)})") from e
+        obj = torch_load(path)
+    except ValueError as e:  # truncated zip, foreign pickle (refused by weights_only), not a torch file
+        raise CheckpointError(f"{path}: not a readable student checkpoint ({e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a readable student checkpoint (a {type(obj).__name__}, not a dict)")
     return obj
-
-
-def _first_line(e: Exception) -> str:
-    """An exception in one line: torch's weights_only refusal is a page of advice we do not want to pass on."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def load_student(

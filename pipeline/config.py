@@ -150,6 +150,9 @@ class TeacherConfig(Strict):
     topk: Annotated[int, Field(ge=1)] = 10
     batch_size: PosInt = 256
     workers: Annotated[int, Field(ge=0)] = 0
+    claim_ttl: Annotated[float, Field(gt=0.0)] = 120.0
+    """Seconds a writer's claim on a unit lasts without a heartbeat (renewed every ttl / 4 while it lives):
+    how long a unit of a writer that died waits before another writer takes it over."""
     fit: TeacherFitConfig = TeacherFitConfig()
 
 

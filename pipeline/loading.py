@@ -18,7 +18,7 @@ from pipeline.config import AugConfig
 from pipeline.plan import EpochPlan, epoch_plan
 from pipeline.replay import ReplaySample, eval_unit, replay_unit
 from pipeline.rng import TAG_SHUFFLE, derive_seed
-from pipeline.shards import Manifest, read_shard
+from pipeline.shards import Manifest, shard_samples
 
 
 def worker_units(
@@ -89,7 +89,7 @@ class ReplayDataset(IterableDataset):
                 start, end = ranges[shard]
                 plan = epoch_plan(self.aug, self.seed, epoch, shard, start, end)
                 samples = replay_unit(
-                    read_shard(paths[shard]), plan, end,
+                    shard_samples(self.manifest, "train", shard), plan, end,
                     transform=transform, aug=self.aug, seed=self.seed, num_classes=c, source=paths[shard],
                 )
                 yield from samples if self.join is None else map(self.join(plan), samples)
@@ -97,7 +97,7 @@ class ReplayDataset(IterableDataset):
             transform = eval_transform(self.aug)
             for _, shard in self.my_units():
                 start, end = ranges[shard]
-                yield from eval_unit(read_shard(paths[shard]), transform, c, start, end, paths[shard])
+                yield from eval_unit(shard_samples(self.manifest, "val", shard), transform, c, start, end, paths[shard])
 
     def __iter__(self) -> Iterator[Any]:
         if self.shuffle <= 1:

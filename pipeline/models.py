@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.config import Config, StudentConfig, TeacherConfig
 from pipeline.errors import DistillError
-from pipeline.files import atomic_torch_save, sha256_file
+from pipeline.files import atomic_torch_save, sha256_file, torch_load
 
 
 class ModelError(DistillError, ValueError):
@@ -164,8 +164,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             f"teacher.checkpoint {path}: file not found (train one with `distill teacher-fit`)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean "not a usable torch file"
+        obj = torch_load(path)
+    except ValueError as e:
         raise ModelError(f"teacher.checkpoint {path}: not a readable torch checkpoint: {e}") from e
     meta = obj.get("meta") if isinstance(obj, Mapping) else None
     return _extract_state_dict(obj, path), dict(meta) if isinstance(meta, Mapping) else {}

@@ -13,7 +13,8 @@ trailing newline, no timestamps) is::
 
     {"format": 1, "classes": [...], "num_classes": C,
      "source": {"kind": "idx"|"imagefolder", "config_hash": ..., "input_key": ...},
-     "splits": {"train": {"count": N, "shards": [{"file", "start", "end", "count", "size", "sha256"}],
+     "splits": {"train": {"count": N, "shards": [{"file", "start", "end", "count", "size", "sha256",
+                                                  "index", "index_sha256"}],
                           "skipped": [{"path", "reason"}]},
                 "val": {...}},
      "image": {"channels_hint": 1|3},
@@ -31,14 +32,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from PIL import Image
 
 from pipeline.config import Config, canonical_hash
 from pipeline.errors import DistillError
 from pipeline.files import atomic_write_json, sha256_file
+from pipeline.shard_index import load_index, read_samples
 
-FORMAT = 1
+FORMAT = 2
+"""1: shards only. 2: an offset index with per-sample CRC32C beside each shard (pipeline.shard_index)."""
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 IMAGE_FIELDS = ("jpg", "png")
@@ -78,6 +80,9 @@ class ShardInfo:
     size: int
     """File size in bytes."""
     sha256: str
+    index: str
+    """The shard's offset index file (pipeline.shard_index), beside it."""
+    index_sha256: str
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,8 @@ def _body(m: Manifest) -> dict[str, Any]:
                         "count": s.count,
                         "size": s.size,
                         "sha256": s.sha256,
+                        "index": s.index,
+                        "index_sha256": s.index_sha256,
                     }
                     for s in sp.shards
                 ],
@@ -195,6 +202,8 @@ def _from_dict(root: Path, d: dict[str, Any], where: Path) -> Manifest:
                     int(s["count"]),
                     int(s["size"]),
                     str(s["sha256"]),
+                    str(s["index"]),
+                    str(s["index_sha256"]),
                 )
                 for s in sp["shards"]
             ]
@@ -263,7 +272,8 @@ def load_manifest(shards_dir: Path | str) -> Manifest:
     if not isinstance(d, dict):
         raise ShardError(f"{path}: shard manifest is not a JSON object")
     if d.get("format") != FORMAT:
-        raise ShardError(f"{path}: manifest format {d.get('format')!r}, this code reads format {FORMAT}")
+        raise ShardError(f"{path}: manifest format {d.get('format')!r}, this code reads format {FORMAT}; "
+                         "re-run `distill ingest` to rewrite the shards")
     m = _from_dict(root, d, path)
     expected = canonical_hash(_body(m))
     if m.fingerprint != expected:
@@ -299,6 +309,9 @@ def verify_shards(manifest: Manifest, split: str) -> None:
         digest = sha256_file(path)
         if digest != s.sha256:
             raise ShardError(f"{path}: sha256 {digest} does not match the manifest ({s.sha256})")
+        index = str(manifest.root / s.index)
+        if not os.path.isfile(index) or sha256_file(index) != s.index_sha256:
+            raise ShardError(f"{index}: shard index missing or not the one the manifest lists")
 
 
 def shard_files_present(manifest: Manifest) -> bool:
@@ -361,15 +374,18 @@ def decode_sample(sample: dict[str, Any]) -> tuple[int, int, Image.Image]:
             break
     else:
         raise ShardError(f"sample {key!r} from {sample.get('__url__')}: no image field {IMAGE_FIELDS}")
-    image = Image.open(io.BytesIO(bytes(data)))
-    image.load()
+    try:
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ShardError(f"{sample.get('__url__')}: sample {key}: the image cannot be decoded ({e})") from None
     return index, label, image
 
 
-def read_shard(path: str) -> Iterator[dict]:
-    """Raw samples of one shard, in stored order, through WebDataset (whole shard, no splitting)."""
-    return iter(
-        wds.WebDataset(
-            [path], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-    )
+def shard_samples(manifest: Manifest, split: str, shard: int, first: int = 0,
+                  count: int | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples ``first ..`` (positions in the shard) of one shard, each checked against its index
+    (see :mod:`pipeline.shard_index`); the whole shard by default."""
+    info = manifest.shards(split)[shard]
+    index = load_index(str(manifest.root / info.index), info.index_sha256, info.count)
+    return read_samples(str(manifest.root / info.file), index, first, count, first_index=info.start)

@@ -8,6 +8,7 @@ file, field or value, instead of a traceback.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,24 +18,42 @@ import click
 from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from pipeline.errors import DistillError
 
+MAX_LOGIT_DIFF = 0.5
+"""verify's default tolerance on |stored - recomputed| logits (measured: see the README's verify section)."""
+
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error types (the store's imported only when an error is being matched, so --help
-    stays fast)."""
+    """The project's own error types, and the operating system's (a full disk, a denied permission, a
+    read-only store). The store's are imported only when an error is being matched, so --help stays fast."""
     from store import StoreError
 
-    return (DistillError, StoreError, FileNotFoundError)
+    return (DistillError, StoreError, OSError)
+
+
+def _message(e: BaseException) -> str:
+    """The error in a line or a paragraph: an OS error as "path: reason"; an error re-raised from a DataLoader
+    worker (whose text carries the worker's traceback) as its original message."""
+    if isinstance(e, OSError) and not isinstance(e, DistillError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and "." in last.split(": ", 1)[0] else last
+    return text
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's own errors into a clean message and exit code 1."""
+    """Turn the project's own errors (and OS errors) into a clean message and exit code 1; with --debug or
+    DISTILL_DEBUG=1 the traceback is shown instead."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except _known_errors() as e:
-            raise click.ClickException(str(e)) from e
+            if os.environ.get("DISTILL_DEBUG", "") not in ("", "0"):
+                raise
+            raise click.ClickException(_message(e)) from e
 
     return wrapper
 
@@ -71,7 +90,8 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="deit-distill")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also: DISTILL_DEBUG=1).")
+def main(debug: bool) -> None:
     """Distil a DeiT student from a CNN teacher that runs once, offline.
 
     \b
@@ -84,6 +104,8 @@ def main() -> None:
       evaluate     accuracy, disagreement and throughput tables
       audit        teacher/label disagreement reports from the store
     """
+    if debug:
+        os.environ["DISTILL_DEBUG"] = "1"
 
 
 @main.command()
@@ -150,28 +172,46 @@ def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: boo
 @main.command()
 @config_options
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Random (epoch, index) pairs to check.")
+              help="Random (epoch, index) pairs to re-run the teacher on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the pairs.")
 @click.option(
     "--min-agreement", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
     help="Exit non-zero when hard-label agreement is below this fraction (bf16 on CUDA may flip near-ties).",
 )
+@click.option(
+    "--max-logit-diff", type=click.FloatRange(min=0.0), default=MAX_LOGIT_DIFF, show_default=True,
+    help="Exit non-zero when a re-computed logit differs from the stored one by more than this (the default "
+         "covers fp16 storage and a bf16 teacher against a float32 one; see the README).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_device_option
 @friendly
-def verify(cfg: Config, samples: int, seed: int, min_agreement: float, device: str) -> None:
-    """Re-run the teacher on sampled stored views and compare with the logit store."""
+def verify(cfg: Config, samples: int, seed: int, min_agreement: float, max_logit_diff: float, quiet: bool,
+           device: str) -> None:
+    """Check every stored unit's integrity, then re-run the teacher on sampled stored views and compare.
+
+    Exits non-zero on any damaged unit, any NaN target, agreement below --min-agreement or a logit off by
+    more than --max-logit-diff.
+    """
     from stages import verify as stage
 
-    report = stage.run(cfg, samples=samples, seed=seed, device=device)
+    report = stage.run(cfg, samples=samples, seed=seed, device=device, progress=not quiet)
     click.echo(
-        f"verify: {report.agree}/{report.checked} hard labels agree ({report.agreement:.2%}), "
+        f"verify: {report.units} unit(s) read back, {len(report.damaged)} damaged, {report.nan} with NaN; "
+        f"{report.agree}/{report.checked} hard labels agree ({report.agreement:.2%}), "
         f"max |delta logit| {report.max_abs_logit_diff:.4g}"
     )
-    if report.agreement < min_agreement:
-        raise click.ClickException(
-            f"hard-label agreement {report.agreement:.2%} is below --min-agreement {min_agreement:.2%}: "
-            "the store does not match what the teacher computes on the replayed views"
-        )
+    problems = [*report.damaged]
+    if report.nan:
+        problems.append(f"{report.nan} unit(s) hold NaN targets")
+    if report.checked and report.agreement < min_agreement:
+        problems.append(f"hard-label agreement {report.agreement:.2%} is below --min-agreement {min_agreement:.2%}: "
+                        "the store does not match what the teacher computes on the replayed views")
+    if report.max_abs_logit_diff > max_logit_diff:
+        problems.append(f"max |delta logit| {report.max_abs_logit_diff:.4g} is above --max-logit-diff "
+                        f"{max_logit_diff:g}: the stored logits are not this teacher's on these views")
+    if problems:
+        raise click.ClickException("\n".join(problems))
 
 
 @main.command()

@@ -24,6 +24,7 @@ import webdataset as wds
 from pipeline.config import Config, canonical_hash
 from pipeline.files import sha256_file
 from pipeline.progress import progress_bar
+from pipeline.shard_index import build_index, index_name, write_index
 from pipeline.shards import (
     MANIFEST_NAME,
     SPLITS,
@@ -34,6 +35,7 @@ from pipeline.shards import (
     load_manifest,
     shard_files_present,
     shard_name,
+    verify_shards,
     write_manifest,
 )
 from pipeline.sources import CorruptImage, IngestError, Record, Source, read_source
@@ -43,7 +45,7 @@ __all__ = ["IngestError", "run", "shuffle_records", "input_key"]
 # Seed stream of each split: the permutation of split s is drawn from
 # default_rng(SeedSequence(seed, spawn_key=(SPLIT_STREAM[s],))).
 SPLIT_STREAM = {"train": 0, "val": 1}
-_SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+_SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)$")
 
 
 def input_key(source: Source) -> str:
@@ -71,6 +73,12 @@ def _current(out: Path, config_hash: str, key: str) -> Manifest | None:
         return None
     if set(m.splits) != set(SPLITS) or not shard_files_present(m):
         return None
+    try:  # the shards are what the manifest says, to the byte (a full read: sizes alone miss a swapped image)
+        for split in SPLITS:
+            verify_shards(m, split)
+    except ShardError as e:
+        print(f"shards out of date: {e}")
+        return None
     return m
 
 
@@ -89,6 +97,8 @@ def _write_split(
         state["file"].close()
         name = shard_name(split, len(shards))
         path = tmp / name
+        idx = tmp / index_name(name)
+        write_index(build_index(path), idx)
         shards.append(
             {
                 "file": name,
@@ -97,6 +107,8 @@ def _write_split(
                 "count": index - state["start"],
                 "size": path.stat().st_size,
                 "sha256": sha256_file(path),
+                "index": idx.name,
+                "index_sha256": sha256_file(idx),
             }
         )
         state["writer"] = state["file"] = None

@@ -15,7 +15,7 @@ from timm.scheduler import CosineLRScheduler
 
 from pipeline import distributed
 from pipeline.config import Config, canonical_hash
-from pipeline.files import atomic_write_json
+from pipeline.files import atomic_write_json, torch_load
 from pipeline.loading import ReplayDataset, loader_batches, make_loader, val_dataset
 from pipeline.losses import soft_target_cross_entropy
 from pipeline.models import create_teacher, save_teacher_checkpoint
@@ -44,9 +44,8 @@ def fit_hash(cfg: Config, manifest: Manifest) -> str:
 
 def _existing_hash(path: Path) -> str | None:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        return obj.get("meta", {}).get("fit_hash")
-    except Exception:
+        return torch_load(path).get("meta", {}).get("fit_hash")
+    except (ValueError, OSError, AttributeError):  # not ours, or not readable: fit it again
         return None
 
 

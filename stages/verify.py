@@ -1,13 +1,15 @@
-"""``distill verify``: spot-check the logit store by replaying sampled views and re-running the teacher.
+"""``distill verify``: check every stored unit, then spot-check the targets by re-running the teacher.
 
-If the replay were not exact (a changed transform, a library upgrade, a different seed path), the
-stored targets would silently describe other images; this catches it before a student trains on them.
+Two checks. Integrity (cheap): every done unit is read back and compared with the digests its writer
+recorded, so a missing chunk, a flipped byte or a unit whose arrays do not belong together is found
+(and named) before a student trains on it; NaN targets are counted. Exactness (sampled): random stored
+views are replayed and the teacher re-run on them; if the replay were not exact (a changed transform,
+a library upgrade, another seed path) the stored targets would describe other images.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,59 +20,89 @@ from pipeline.config import Config
 from pipeline.distributed import resolve_device
 from pipeline.models import load_teacher, resolve_teacher, teacher_forward
 from pipeline.plan import check_plan, epoch_plan
+from pipeline.progress import progress_bar
 from pipeline.replay import replay_indices
 from pipeline.run_store import store_provenance
-from pipeline.shards import open_shards, read_shard
+from pipeline.shards import Manifest, open_shards, shard_samples
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    checked: int
-    agree: int
-    max_abs_logit_diff: float
+    units: int
+    """Done units read back and checked."""
+    damaged: list[str] = field(default_factory=list)
+    """One message per damaged unit (store, unit, array, what is wrong)."""
+    nan: int = 0
+    """Units holding NaN targets."""
+    checked: int = 0
+    agree: int = 0
+    max_abs_logit_diff: float = 0.0
 
     @property
     def agreement(self) -> float:
         return self.agree / max(self.checked, 1)
 
 
-def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto") -> VerifyReport:
-    """Re-run the teacher on ``samples`` random stored (epoch, index) pairs; compare with the store."""
+def check_units(group, progress: bool = False) -> tuple[int, list[str], int, set[tuple[int, int]]]:
+    """Read back every done unit: (units read, messages of the damaged ones, units with NaN, good train
+    units)."""
+    done, vdone = store.done_mask(group), store.val_done_mask(group)
+    units = [("train", int(e), int(s)) for e, s in np.argwhere(done)]
+    units += [("val", 0, int(s)) for s in np.flatnonzero(vdone)]
+    damaged, nan, good = [], 0, set()
+    with progress_bar(len(units), "verify: checking units", "unit", progress) as bar:
+        for split, e, s in units:
+            try:
+                u = store.read_train_unit(group, e, s) if split == "train" else store.read_val_unit(group, s)
+            except store.DamagedUnit as err:
+                damaged.append(str(err))
+            else:
+                bad = bool(np.isnan(u.topk_logits).any() or np.isnan(u.logsumexp).any())
+                nan += bad
+                if split == "train" and not bad:
+                    good.add((e, s))
+            bar.update(1)
+    return len(units), damaged, nan, good
+
+
+def _picks(manifest: Manifest, good: set[tuple[int, int]], samples: int, seed: int) -> dict[tuple[int, int], set[int]]:
+    """``samples`` random (epoch, index) pairs among the good units, grouped by unit."""
+    rng = np.random.default_rng(seed)
+    units = sorted(good)
+    ranges = manifest.ranges("train")
+    by_unit: dict[tuple[int, int], set[int]] = {}
+    for i in rng.integers(len(units), size=samples):
+        e, s = units[int(i)]
+        a, b = ranges[s]
+        by_unit.setdefault((e, s), set()).add(int(rng.integers(a, b)))
+    return by_unit
+
+
+def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", progress: bool = False) -> VerifyReport:
+    """Check every unit, then re-run the teacher on ``samples`` random stored views and compare."""
     dev = resolve_device(device)
     manifest = open_shards(cfg)
     cfg = resolve_teacher(cfg)
     model, sha = load_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     model.to(dev).eval()
-    prov = store_provenance(cfg, manifest, sha)
-    group = store.open_store(Path(cfg.store.path), expected=prov)
-    done = store.done_mask(group)
-    ranges = manifest.ranges("train")
-    starts = np.array([a for a, _ in ranges])
-    rng = np.random.default_rng(seed)
-    done_units = np.argwhere(done)
-    if len(done_units) == 0:
+    group = store.open_store(cfg.store.path, expected=store_provenance(cfg, manifest, sha))
+    n_units, damaged, nan, good = check_units(group, progress)
+    if n_units == 0:
         raise store.MissingUnit(f"{cfg.store.path}: no completed units to verify; run `distill teacher`")
-    picks = done_units[rng.integers(len(done_units), size=samples)]
-    by_unit: dict[tuple[int, int], set[int]] = {}
-    for e, s in picks:
-        a, b = ranges[s]
-        by_unit.setdefault((int(e), int(s)), set()).add(int(rng.integers(a, b)))
-
-    transform = train_transform(cfg.aug)
-    paths = manifest.shard_paths("train")
+    transform, ranges = train_transform(cfg.aug), manifest.ranges("train")
     checked = agree = 0
     max_diff = 0.0
-    for (e, s), idx in sorted(by_unit.items()):
-        a, b = ranges[s]
-        plan = epoch_plan(cfg.aug, cfg.seed, e, s, a, b)
-        views = replay_indices(read_shard(paths[s]), plan, sorted(idx), transform=transform, seed=cfg.seed)
+    for (e, s), idx in sorted(_picks(manifest, good, samples, seed).items()) if good else []:
+        plan = epoch_plan(cfg.aug, cfg.seed, e, s, *ranges[s])
+        views = replay_indices(shard_samples(manifest, "train", s), plan, sorted(idx), transform=transform,
+                               seed=cfg.seed)
         order = sorted(views)
         logits = teacher_forward(model, torch.stack([views[i] for i in order]), dev).numpy()
         unit = store.read_train_unit(group, e, s)
         check_plan(str(cfg.store.path), unit, plan)
-        rows = np.array(order) - starts[s]
+        rows = np.array(order) - ranges[s][0]
         agree += int((logits.argmax(1) == unit.hard_label[rows]).sum())
         recomputed = np.take_along_axis(logits, unit.topk_classes[rows].astype(np.int64), axis=1)
         max_diff = max(max_diff, float(np.abs(recomputed - unit.topk_logits[rows]).max()))
         checked += len(order)
-    return VerifyReport(checked, agree, max_diff)
+    return VerifyReport(n_units, damaged, nan, checked, agree, max_diff)

@@ -1,8 +1,12 @@
 """The logit store: teacher top-k targets and mix plans in Zarr v3, one chunk per (epoch, shard).
 
-Knows nothing of models or training: numpy arrays in, numpy arrays out.
+Knows nothing of models or training: numpy arrays in, numpy arrays out. Every unit read is checked
+against the done record its writer left (``store.records``); writers coordinate through claims
+(``store.claims``).
 """
 
+from store.claims import Claims
+from store.create import create_store, finalize, open_store
 from store.describe import describe
 from store.frames import train_frame, val_frame
 from store.layout import (
@@ -14,22 +18,23 @@ from store.layout import (
     KIND_NONE,
     StoreSpec,
     array_layout,
-    create_store,
-    finalize,
     spec_of,
     stored_bytes,
 )
+from store.objects import Objects, objects_at, objects_of
 from store.provenance import IDENTITY_FIELDS, ProvenanceMismatch, StoreError
 from store.reader import (
+    DamagedUnit,
     MissingUnit,
     TrainUnit,
     ValUnit,
     done_mask,
-    open_store,
     read_train_unit,
     read_val,
+    read_val_unit,
     val_done_mask,
 )
+from store.records import delete_record, read_record
 from store.targets import dense_soft_target, stored_probs, tail_mass, topk_from_logits
 from store.writer import write_train_unit, write_val_unit
 
@@ -38,10 +43,13 @@ __all__ = [
     "FORMAT",
     "IDENTITY_FIELDS",
     "KIND_CUTMIX",
-    "KIND_NAMES",
     "KIND_MIXUP",
+    "KIND_NAMES",
     "KIND_NONE",
+    "Claims",
+    "DamagedUnit",
     "MissingUnit",
+    "Objects",
     "ProvenanceMismatch",
     "StoreError",
     "StoreSpec",
@@ -49,15 +57,20 @@ __all__ = [
     "ValUnit",
     "array_layout",
     "create_store",
+    "delete_record",
     "dense_soft_target",
     "describe",
-    "stored_bytes",
     "done_mask",
     "finalize",
+    "objects_at",
+    "objects_of",
     "open_store",
+    "read_record",
     "read_train_unit",
     "read_val",
+    "read_val_unit",
     "spec_of",
+    "stored_bytes",
     "stored_probs",
     "tail_mass",
     "topk_from_logits",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from store.create import open_store
 from store.layout import array_layout, spec_of, stored_bytes
-from store.reader import done_mask, open_store, val_done_mask
+from store.reader import done_mask, val_done_mask
 
 
 def _human(n: int) -> str:
@@ -50,7 +51,7 @@ def describe(path: str | Path) -> str:
     lines.append(f"bytes on disk: {nbytes} ({_human(nbytes)}); ~{nbytes / rows:.1f} per done (sample, epoch)")
     lines.append(f"codec: {spec.codec} level {spec.level}")
     lines.append("arrays:")
-    for name, (shape, chunks, dtype, _) in array_layout(spec).items():
+    for name, (shape, chunks, dtype) in array_layout(spec).items():
         lines.append(f"  {name:<20} shape={shape} chunks={chunks} dtype={dtype}")
     lines.append("provenance:")
     for key, value in sorted(attrs.get("provenance", {}).items()):

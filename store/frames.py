@@ -24,7 +24,7 @@ import pandas as pd
 import zarr
 
 from store.layout import KIND_NAMES, KIND_NONE, spec_of
-from store.reader import done_mask, read_val, train_unit_arrays
+from store.reader import done_mask, read_train_unit, read_val
 from store.targets import stored_probs, tail_mass
 
 __all__ = ["train_frame", "val_frame"]
@@ -99,26 +99,26 @@ def train_frame(
     if bad:
         raise ValueError(f"train_frame: epochs {bad} outside the store's range [0, {spec.epochs})")
     mask = done_mask(group)
-    all_labels = np.asarray(group["train/label"][...]).astype(np.int64)  # one read, for partner labels
+    units = [read_train_unit(group, e, s) for e in sorted(set(wanted)) for s in np.flatnonzero(mask[e]).tolist()]
+    all_labels = np.full(spec.n_train, -1, dtype=np.int64)  # labels of the units read, for partner labels
+    for u in units:
+        all_labels[u.start : u.end] = u.label
 
     parts: dict[str, list[np.ndarray]] = {}
-    for e in sorted(set(wanted)):
-        for s in np.flatnonzero(mask[e]).tolist():
-            a, b = spec.train_ranges[s]
-            u = train_unit_arrays(group, spec, e, s, label=all_labels[a:b])  # done: in the mask
-            n = u.end - u.start
-            block = {
-                "epoch": np.full(n, e, dtype=np.int32),
-                "index": np.arange(u.start, u.end, dtype=np.int64),
-                "shard": np.full(n, s, dtype=np.int32),
-                "label": u.label.astype(np.int64),
-                **_teacher_columns(u.topk_logits, u.topk_classes, u.logsumexp, u.label, spec.num_classes),
-                "kind": u.kind.astype(np.int8),
-                "partner": u.partner.astype(np.int64),
-                "lam": u.lam.astype(np.float32),
-            }
-            for k, v in block.items():
-                parts.setdefault(k, []).append(v)
+    for u in units:
+        e, s, n = u.epoch, u.shard, u.end - u.start
+        block = {
+            "epoch": np.full(n, e, dtype=np.int32),
+            "index": np.arange(u.start, u.end, dtype=np.int64),
+            "shard": np.full(n, s, dtype=np.int32),
+            "label": u.label.astype(np.int64),
+            **_teacher_columns(u.topk_logits, u.topk_classes, u.logsumexp, u.label, spec.num_classes),
+            "kind": u.kind.astype(np.int8),
+            "partner": u.partner.astype(np.int64),
+            "lam": u.lam.astype(np.float32),
+        }
+        for k, v in block.items():
+            parts.setdefault(k, []).append(v)
     empty = {
         "epoch": np.int32, "index": np.int64, "shard": np.int32, "label": np.int64, "teacher": np.int64,
         "p_teacher": np.float32, "p_label": np.float32, "label_in_topk": bool, "margin": np.float32,
@@ -130,6 +130,7 @@ def train_frame(
     df.insert(df.columns.get_loc("partner"), "kind", pd.Categorical.from_codes(cols["kind"], KIND_NAMES))
     partner = cols["partner"]
     valid = (partner >= 0) & (partner < len(all_labels))
+    valid &= all_labels[np.where(valid, partner, 0)] >= 0
     plabel = pd.Series(all_labels[np.where(valid, partner, 0)], dtype="Int64").mask(~valid)
     df["partner_label"] = plabel
     own = (cols["kind"] == KIND_NONE) | (cols["lam"] >= 0.5)

@@ -1,34 +1,25 @@
-"""The Zarr v3 layout of the logit store, and its creation.
+"""The Zarr v3 layout of the logit store: its spec, arrays, chunks, codecs and fill values.
 
-One chunk is one (epoch, shard) unit, so the teacher stage's ranks and workers each own whole
-chunks and never race on a shared one; each unit's done flag is its own (1, 1) chunk for the same
-reason. Creation is idempotent: a second call with the same spec and provenance reopens the store
-(resume), a call for another run is refused by ProvenanceMismatch.
-
-Concurrency: let one rank call :func:`create_store` first; the others call it (or open the group
-with mode "r+") after a barrier. Concurrent first creation by many processes is not supported.
+One chunk is one (epoch, shard) unit, so writers (ranks, workers, independent processes) each own
+whole chunks and never race on a shared one. Every chunk carries a CRC32C after its compressor, so a
+damaged chunk is refused by zarr when it is decoded; fill values are values the teacher never writes
+(NaN, the largest integer of the dtype, -1), so a chunk that went missing cannot pass for data. A
+unit's done mark is its record (:mod:`store.records`), written after its arrays.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
-from store.provenance import (
-    IDENTITY_FIELDS,
-    StoreError,
-    differences,
-    mismatch_error,
-    normalize,
-)
+from store.provenance import StoreError, normalize
 
-FORMAT = 1
+FORMAT = 2
+"""1: done flags in zarr arrays, no checksums. 2: CRC32C per chunk, done records with per-array digests."""
 KIND_NONE, KIND_MIXUP, KIND_CUTMIX = 0, 1, 2
 KIND_NAMES: tuple[str, ...] = ("none", "mixup", "cutmix")
 """Names of the stored ``kind`` codes (KIND_NONE, KIND_MIXUP, KIND_CUTMIX)."""
@@ -146,55 +137,48 @@ def validate_spec(spec: StoreSpec) -> None:
     _check_ranges("val_ranges", spec.val_ranges, allow_empty=True)
 
 
-def compressors_for(codec: str, level: int) -> list[Any] | None:
-    """The zarr v3 compressor chain for a codec name (None: stored raw)."""
+def compressors_for(codec: str, level: int) -> list[Any]:
+    """The zarr v3 bytes-to-bytes chain for a codec name: the compressor (none for "none"), then a CRC32C."""
     if codec == "zstd":
-        return [ZstdCodec(level=level)]
+        return [ZstdCodec(level=level), Crc32cCodec()]
     if codec == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=level, shuffle="shuffle")]
+        return [BloscCodec(cname="lz4", clevel=level, shuffle="shuffle"), Crc32cCodec()]
     if codec == "gzip":
-        return [GzipCodec(level=level)]
+        return [GzipCodec(level=level), Crc32cCodec()]
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     raise ValueError(f"unknown codec {codec!r}; expected one of {list(CODECS)}")
 
 
-def array_layout(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype, Any]]:
-    """name -> (shape, chunks, dtype, fill_value) for every array of the store."""
+def no_data(dtype: np.dtype) -> Any:
+    """The fill value of an array: a value the writer never stores (NaN; the largest unsigned; -1 signed)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return float("nan")
+    return int(np.iinfo(dtype).max) if dtype.kind == "u" else -1
+
+
+def array_layout(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]]:
+    """name -> (shape, chunks, dtype) for every array of the store (fill values: :func:`no_data`)."""
     E, N, k, s = spec.epochs, spec.n_train, spec.k, spec.shard_size
-    S, Nv, vs, Sv = spec.n_shards, spec.n_val, spec.val_shard_size, spec.n_val_shards
+    Nv, vs = spec.n_val, spec.val_shard_size
     lab = spec.label_dtype
-    nan = float("nan")
+    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
     return {
-        "train/topk_logits": ((E, N, k), (1, s, k), np.dtype(np.float16), nan),
-        "train/topk_classes": ((E, N, k), (1, s, k), lab, 0),
-        "train/hard_label": ((E, N), (1, s), lab, 0),
-        "train/logsumexp": ((E, N), (1, s), np.dtype(np.float32), nan),
-        "train/partner": ((E, N), (1, s), np.dtype(np.int32), -1),
-        "train/lam": ((E, N), (1, s), np.dtype(np.float32), nan),
-        "train/kind": ((E, N), (1, s), np.dtype(np.uint8), 0),
-        "train/label": ((N,), (s,), lab, 0),
-        "train/done": ((E, S), (1, 1), np.dtype(bool), False),
-        "val/topk_logits": ((Nv, k), (vs, k), np.dtype(np.float16), nan),
-        "val/topk_classes": ((Nv, k), (vs, k), lab, 0),
-        "val/hard_label": ((Nv,), (vs,), lab, 0),
-        "val/logsumexp": ((Nv,), (vs,), np.dtype(np.float32), nan),
-        "val/label": ((Nv,), (vs,), lab, 0),
-        "val/done": ((Sv,), (1,), np.dtype(bool), False),
+        "train/topk_logits": ((E, N, k), (1, s, k), f16),
+        "train/topk_classes": ((E, N, k), (1, s, k), lab),
+        "train/hard_label": ((E, N), (1, s), lab),
+        "train/logsumexp": ((E, N), (1, s), f32),
+        "train/partner": ((E, N), (1, s), np.dtype(np.int32)),
+        "train/lam": ((E, N), (1, s), f32),
+        "train/kind": ((E, N), (1, s), np.dtype(np.uint8)),
+        "train/label": ((N,), (s,), lab),
+        "val/topk_logits": ((Nv, k), (vs, k), f16),
+        "val/topk_classes": ((Nv, k), (vs, k), lab),
+        "val/hard_label": ((Nv,), (vs,), lab),
+        "val/logsumexp": ((Nv,), (vs,), f32),
+        "val/label": ((Nv,), (vs,), lab),
     }
-
-
-def _is_local(path: str | Path) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
-def _local_path(path: str | Path) -> Path:
-    return Path(str(path).removeprefix("file://"))
-
-
-def store_path(path: str | Path) -> str | Path:
-    """What zarr is given: a Path for local stores, the URL string otherwise (fsspec)."""
-    return _local_path(path) if _is_local(path) else str(path)
 
 
 def spec_of(group: zarr.Group) -> StoreSpec:
@@ -205,97 +189,6 @@ def spec_of(group: zarr.Group) -> StoreSpec:
         raise StoreError(
             f"{group.store}: no 'spec' attribute; not a logit store (or creation was cut)"
         ) from None
-
-
-def finalize(path: str | Path) -> None:
-    """Re-consolidate metadata (one read opens the store); call once, from one rank, at the end."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        zarr.consolidate_metadata(store_path(path))
-
-
-def _open_existing(path: str | Path) -> zarr.Group | None:
-    try:
-        return zarr.open_group(store_path(path), mode="r+", use_consolidated=False)
-    except FileNotFoundError:  # zarr's GroupNotFoundError is a FileNotFoundError too
-        if _is_local(path):
-            p = _local_path(path)
-            if p.is_dir() and any(p.iterdir()):
-                raise StoreError(
-                    f"{path}: a non-empty directory that is not a Zarr store; refusing to write into it"
-                ) from None
-        return None
-
-
-def _ensure_arrays(root: zarr.Group, spec: StoreSpec) -> bool:
-    """Create missing arrays (a creation cut short resumes); check existing ones. True if any created."""
-    created = False
-    comp = compressors_for(spec.codec, spec.level)
-    for name, (shape, chunks, dtype, fill) in array_layout(spec).items():
-        try:
-            arr = root[name]
-        except KeyError:
-            arr = None
-        if arr is None:
-            root.create_array(
-                name,
-                shape=shape,
-                chunks=chunks,
-                dtype=dtype,
-                compressors=comp if dtype != np.dtype(bool) else None,
-                fill_value=fill,
-            )
-            created = True
-        elif tuple(arr.shape) != shape or tuple(arr.chunks) != chunks or np.dtype(arr.dtype) != dtype:
-            raise StoreError(
-                f"{root.store}: array {name} has shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}; "
-                f"the spec needs {shape}, {chunks}, {dtype}"
-            )
-    return created
-
-
-def create_store(path: str | Path, spec: StoreSpec, provenance: dict[str, Any]) -> zarr.Group:
-    """Create the store, or reopen it (mode "r+") for a resumed run of the same spec and provenance.
-
-    Raises ProvenanceMismatch naming each differing identity or spec field with both values.
-    """
-    validate_spec(spec)
-    prov = normalize(provenance)
-    root = _open_existing(path)
-    if root is not None:
-        attrs = root.attrs.asdict()
-        if attrs.get("format") != FORMAT or "spec" not in attrs or "provenance" not in attrs:
-            raise StoreError(
-                f"{path}: Zarr group exists but is not a logit store of format {FORMAT} "
-                f"(format={attrs.get('format')!r}); use another path or delete it"
-            )
-        stored_prov = attrs["provenance"]
-        fields = [f for f in IDENTITY_FIELDS if f in prov or f in stored_prov]
-        diffs = differences(stored_prov, prov, fields)
-        stored_spec = attrs["spec"]
-        fresh_spec = spec.to_dict()
-        diffs += [
-            (f"spec.{f}", stored_spec.get(f), fresh_spec[f])
-            for f in SPEC_IDENTITY
-            if stored_spec.get(f) != fresh_spec[f]
-        ]
-        if diffs:
-            raise mismatch_error(str(path), diffs)
-        # The arrays keep the codec they were created with; ensure from the stored spec.
-        if _ensure_arrays(root, StoreSpec.from_dict(stored_spec)):
-            finalize(path)
-        return root
-    if _is_local(path):
-        _local_path(path).parent.mkdir(parents=True, exist_ok=True)
-    # Attributes first: a creation cut short is then recognised and completed by the next call.
-    root = zarr.open_group(
-        store_path(path),
-        mode="w-",
-        attributes={"format": FORMAT, "spec": spec.to_dict(), "provenance": prov},
-    )
-    _ensure_arrays(root, spec)
-    finalize(path)
-    return zarr.open_group(store_path(path), mode="r+", use_consolidated=False)
 
 
 def stored_bytes(group: zarr.Group) -> int:

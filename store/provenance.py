@@ -87,12 +87,25 @@ def differences(
     return out
 
 
-def mismatch_error(where: str, diffs: list[tuple[str, Any, Any]]) -> ProvenanceMismatch:
-    """One ProvenanceMismatch listing every differing field with both values."""
-    lines = [
-        f"provenance field '{f}' differs: store has {short(s)}, this run expects {short(e)}"
-        for f, s, e in diffs
-    ]
+def aug_differences(stored: Any, expected: Any) -> list[tuple[str, Any, Any]]:
+    """(aug.key, stored, expected) for each augmentation key that differs, when both sides recorded theirs."""
+    if not isinstance(stored, dict) or not isinstance(expected, dict):
+        return []
+    return [(f"aug.{k}", s, e) for k, s, e in differences(stored, expected, sorted(set(stored) | set(expected)))]
+
+
+def mismatch_error(where: str, diffs: list[tuple[str, Any, Any]], stored_aug: Any = None,
+                   expected_aug: Any = None) -> ProvenanceMismatch:
+    """One ProvenanceMismatch listing every differing field with both values; a differing ``aug_hash`` is
+    explained by the augmentation keys that changed, when both augmentation configs are known."""
+    lines = []
+    for f, s, e in diffs:
+        changed = aug_differences(stored_aug, expected_aug) if f == "aug_hash" else []
+        if changed:
+            keys = "; ".join(f"{k}: store has {short(a, 40)}, this run expects {short(b, 40)}" for k, a, b in changed)
+            lines.append(f"provenance field '{f}' differs, in the augmentation keys {keys}")
+        else:
+            lines.append(f"provenance field '{f}' differs: store has {short(s)}, this run expects {short(e)}")
     if len(lines) == 1:
         msg = f"logit store {where}: {lines[0]}"
     else:
@@ -106,4 +119,4 @@ def check_identity(where: str, stored: dict[str, Any], expected: dict[str, Any])
     fields = [f for f in IDENTITY_FIELDS if f in expected]
     diffs = differences(stored, expected, fields)
     if diffs:
-        raise mismatch_error(where, diffs)
+        raise mismatch_error(where, diffs, stored.get("aug"), expected.get("aug"))

@@ -1,22 +1,33 @@
-"""Reading the logit store: open with a provenance check, read whole units, rebuild soft targets.
+"""Reading the logit store: whole units, each checked against its done record before a row is used.
 
 The student joins its replayed views with stored targets by (epoch, global index); a unit is read
-with one slice per array (one chunk each), never row by row.
+with one slice per array (one chunk each), never row by row, and refused (naming the store, the unit
+and the array) when a chunk is missing, damaged or from another unit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
-from store.layout import FORMAT, StoreSpec, array_layout, spec_of, store_path
-from store.provenance import ProvenanceMismatch, StoreError, check_identity
+from store.create import open_store
+from store.layout import no_data, spec_of
+from store.objects import objects_of
+from store.provenance import ProvenanceMismatch, StoreError
+from store.records import digest, done_units, mask, read_record
+
+TRAIN_ARRAYS = ("topk_logits", "topk_classes", "hard_label", "logsumexp", "partner", "lam", "kind")
+"""The per-epoch arrays of a train unit (``label`` is per sample, shared by the epochs)."""
+VAL_ARRAYS = ("topk_logits", "topk_classes", "hard_label", "logsumexp", "label")
 
 __all__ = [
+    "DamagedUnit",
     "MissingUnit",
     "ProvenanceMismatch",
     "StoreError",
@@ -26,6 +37,7 @@ __all__ = [
     "open_store",
     "read_train_unit",
     "read_val",
+    "read_val_unit",
     "val_done_mask",
 ]
 
@@ -61,94 +73,124 @@ class ValUnit:
     label: np.ndarray
 
 
-def open_store(path: str | Path, expected: dict[str, Any] | None = None) -> zarr.Group:
-    """Open read-only; with ``expected``, refuse a store written for another run (ProvenanceMismatch).
+class DamagedUnit(StoreError):
+    """A unit marked done whose arrays do not read back as written: a missing chunk, changed bytes, or a
+    chunk that belongs to another unit. The teacher stage rewrites it; nothing may train on it."""
 
-    Each IDENTITY field present in ``expected`` is compared; every differing one is named with
-    both values. A missing path, a non-store or an incomplete store raises StoreError.
-    """
-    try:
-        root = zarr.open_group(store_path(path), mode="r")
-    except FileNotFoundError:
-        raise StoreError(f"logit store {path}: not found (run the teacher stage to create it)") from None
-    except Exception as e:  # corrupt metadata and the like
-        raise StoreError(f"logit store {path}: cannot be opened as a Zarr v3 group: {e}") from e
-    attrs = root.attrs.asdict()
-    if attrs.get("format") != FORMAT or "spec" not in attrs or "provenance" not in attrs:
-        raise StoreError(
-            f"logit store {path}: not a logit store of format {FORMAT} (format={attrs.get('format')!r})"
-        )
-    missing = [name for name in array_layout(spec_of(root)) if name not in root]
-    if missing:
-        raise StoreError(
-            f"logit store {path}: incomplete, missing arrays {missing} (creation was cut short?)"
-        )
-    if expected is not None:
-        check_identity(str(path), attrs["provenance"], expected)
-    return root
+
+def _where(group: zarr.Group, split: str, epoch: int, shard: int) -> str:
+    unit = f"epoch {epoch}, shard {shard}" if split == "train" else f"shard {shard}"
+    return f"logit store {objects_of(group).root}: {split} unit ({unit})"
+
+
+_ARRAYS: dict[int, tuple[weakref.ref, dict[str, zarr.Array]]] = {}
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The group's array ``name``, looked up once per open group (groups are not hashable: keyed by id, with a
+    weak reference to tell a reused id apart)."""
+    ref, arrays = _ARRAYS.get(id(group), (None, None))
+    if ref is None or ref() is not group:
+        if len(_ARRAYS) > 64:  # a long-lived process opening many stores
+            _ARRAYS.clear()
+        ref, arrays = weakref.ref(group), {}
+        _ARRAYS[id(group)] = (ref, arrays)
+    if name not in arrays:
+        arrays[name] = group[name]
+    return arrays[name]
+
+
+def _read(group: zarr.Group, reads: dict[str, tuple[str, Any]], where: str) -> dict[str, np.ndarray]:
+    """Every ``name: (array, selection)`` at once (zarr fetches and decodes them concurrently: one round trip
+    of latency on an object store, not eight); a chunk zarr cannot read is a DamagedUnit naming the array."""
+    handles = {name: _array(group, path).async_array for name, (path, _) in reads.items()}
+
+    async def fetch() -> list[Any]:
+        return await asyncio.gather(*(handles[n].getitem(sel) for n, (_, sel) in reads.items()),
+                                    return_exceptions=True)
+
+    out = {}
+    for (name, (path, _)), got in zip(reads.items(), sync(fetch()), strict=True):
+        if isinstance(got, Exception):  # zarr's CRC32C, the decompressor or the filesystem refusing a chunk
+            first = str(got).strip().splitlines()[0] if str(got).strip() else ""
+            raise DamagedUnit(f"{where}, array {path}: cannot be read ({type(got).__name__}: {first}); "
+                              "re-run `distill teacher` to rewrite the unit") from got
+        out[name] = np.asarray(got)
+    return out
+
+
+def _check(where: str, split: str, record: dict[str, Any], rows: tuple[int, int],
+           arrays: dict[str, np.ndarray]) -> None:
+    """Refuse the unit unless every array matches the digest its writer recorded."""
+    if tuple(record.get("rows", ())) != rows:
+        raise DamagedUnit(f"{where}: its record covers rows {record.get('rows')}, the store's layout {list(rows)}")
+    for name, a in arrays.items():
+        if record["digests"].get(name) == digest(a):
+            continue
+        fill = no_data(a.dtype)
+        missing = bool(np.isnan(a).all()) if a.dtype.kind == "f" else bool((a == fill).all())
+        cause = ("its chunk is missing (it reads back as the fill value)" if missing
+                 else "its bytes differ from what the writer recorded (damaged, or from another unit)")
+        raise DamagedUnit(f"{where}, array {split}/{name}: {cause}; re-run `distill teacher` to rewrite the unit")
 
 
 def done_mask(group: zarr.Group) -> np.ndarray:
-    """(E, S) bool: which (epoch, shard) train units are complete."""
-    return np.asarray(group["train/done"][...], dtype=bool)
+    """(E, S) bool: which (epoch, shard) train units are complete (one listing of the done records)."""
+    spec = spec_of(group)
+    return mask(done_units(objects_of(group), "train"), spec.epochs, spec.n_shards)
 
 
 def val_done_mask(group: zarr.Group) -> np.ndarray:
     """(S_val,) bool: which val shards are complete."""
-    return np.asarray(group["val/done"][...], dtype=bool)
+    spec = spec_of(group)
+    return mask(done_units(objects_of(group), "val"), 1, spec.n_val_shards)[0]
 
 
-def read_train_unit(group: zarr.Group, epoch: int, shard: int) -> TrainUnit:
-    """All stored targets and the mix plan of one (epoch, shard); MissingUnit if it is not done."""
+def read_train_unit(group: zarr.Group, epoch: int, shard: int, labels: np.ndarray | None = None) -> TrainUnit:
+    """All stored targets and the mix plan of one (epoch, shard), checked against the unit's record:
+    MissingUnit if it is not done, DamagedUnit if it does not read back as written. ``labels`` (all train
+    labels, read once by a caller that reads many units) saves reading the unit's label chunk."""
     spec = spec_of(group)
     if not 0 <= epoch < spec.epochs or not 0 <= shard < spec.n_shards:
         raise StoreError(
             f"read_train_unit: (epoch={epoch}, shard={shard}) outside the store's {spec.epochs} epochs "
             f"x {spec.n_shards} shards"
         )
-    if not bool(group["train/done"][epoch, shard]):
-        raise MissingUnit(
-            f"logit store has no data for epoch {epoch}, shard {shard} (not marked done); "
-            "re-run the teacher stage to fill it"
-        )
-    return train_unit_arrays(group, spec, epoch, shard)
-
-
-def train_unit_arrays(
-    group: zarr.Group, spec: StoreSpec, epoch: int, shard: int, label: np.ndarray | None = None
-) -> TrainUnit:
-    """:func:`read_train_unit` without its checks, for a caller that has the spec and the done mask
-    already (and, as ``label``, the unit's labels): one read per array of the unit."""
+    where = _where(group, "train", epoch, shard)
+    record = read_record(objects_of(group), "train", epoch, shard)
+    if record is None:
+        raise MissingUnit(f"{where}: no data (not marked done); re-run the teacher stage to fill it")
     a, b = spec.train_ranges[shard]
-    return TrainUnit(
-        epoch=epoch,
-        shard=shard,
-        start=a,
-        end=b,
-        topk_logits=group["train/topk_logits"][epoch, a:b].astype(np.float32),
-        topk_classes=group["train/topk_classes"][epoch, a:b],
-        hard_label=group["train/hard_label"][epoch, a:b],
-        logsumexp=group["train/logsumexp"][epoch, a:b],
-        partner=group["train/partner"][epoch, a:b],
-        lam=group["train/lam"][epoch, a:b],
-        kind=group["train/kind"][epoch, a:b],
-        label=group["train/label"][a:b] if label is None else label,
-    )
+    reads = {name: (f"train/{name}", (epoch, slice(a, b))) for name in TRAIN_ARRAYS}
+    if labels is None:
+        reads["label"] = ("train/label", slice(a, b))
+    arrays = _read(group, reads, where)
+    if labels is not None:
+        arrays["label"] = labels[a:b]
+    _check(where, "train", record, (a, b), arrays)
+    return TrainUnit(epoch=epoch, shard=shard, start=a, end=b,
+                     **{**arrays, "topk_logits": arrays["topk_logits"].astype(np.float32)})
+
+
+def read_val_unit(group: zarr.Group, shard: int) -> ValUnit:
+    """One val shard's targets, checked against its record (MissingUnit, DamagedUnit)."""
+    spec = spec_of(group)
+    where = _where(group, "val", 0, shard)
+    record = read_record(objects_of(group), "val", 0, shard)
+    if record is None:
+        raise MissingUnit(f"{where}: no data (not marked done); re-run the teacher stage to fill it")
+    a, b = spec.val_ranges[shard]
+    arrays = _read(group, {name: (f"val/{name}", slice(a, b)) for name in VAL_ARRAYS}, where)
+    _check(where, "val", record, (a, b), arrays)
+    return ValUnit(start=a, end=b, **{**arrays, "topk_logits": arrays["topk_logits"].astype(np.float32)})
 
 
 def read_val(group: zarr.Group) -> ValUnit:
-    """All val rows; MissingUnit naming the val shards that are not done."""
+    """All val rows, every unit checked; MissingUnit naming the val shards that are not done."""
     spec = spec_of(group)
-    mask = val_done_mask(group)
-    if not mask.all():
-        raise MissingUnit(f"logit store: val shards {np.flatnonzero(~mask).tolist()} are not marked done")
-    n = spec.n_val
-    return ValUnit(
-        start=0,
-        end=n,
-        topk_logits=group["val/topk_logits"][:n].astype(np.float32),
-        topk_classes=group["val/topk_classes"][:n],
-        hard_label=group["val/hard_label"][:n],
-        logsumexp=group["val/logsumexp"][:n],
-        label=group["val/label"][:n],
-    )
+    done = val_done_mask(group)
+    if not done.all():
+        raise MissingUnit(f"logit store: val shards {np.flatnonzero(~done).tolist()} are not marked done")
+    units = [read_val_unit(group, s) for s in range(spec.n_val_shards)]
+    fields = ("topk_logits", "topk_classes", "hard_label", "logsumexp", "label")
+    return ValUnit(0, spec.n_val, **{f: np.concatenate([getattr(u, f) for u in units]) for f in fields})

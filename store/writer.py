@@ -1,7 +1,8 @@
-"""Writing (epoch, shard) units into the logit store, and turning full logits into top-k targets.
+"""Writing (epoch, shard) units into the logit store.
 
-A unit's data is written first and its done flag last, so a crash never leaves a unit marked done
-without its data; re-running the teacher stage skips exactly the units marked done.
+A unit's data is written first and its done record last (with the digests of what was written), so a
+crash never leaves a unit marked done without its data; re-running the teacher stage skips exactly
+the units marked done, and a reader checks every unit against its record.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import numpy as np
 import zarr
 
 from store.layout import KIND_CUTMIX, StoreSpec, spec_of
+from store.objects import objects_of
+from store.records import write_record
 
 
 def _arr(where: str, name: str, value: object, shape: tuple[int, ...], kind: str) -> np.ndarray:
@@ -63,7 +66,7 @@ def write_train_unit(
     kind: np.ndarray,
     label: np.ndarray,
 ) -> None:
-    """Write rows [start, end) of one shard for one stored epoch, then mark the unit done (last).
+    """Write rows [start, end) of one shard for one stored epoch, then its done record (last).
 
     Inputs are numpy arrays for exactly that shard's rows; they are checked (shape, dtype kind,
     value range, sort order) and cast to the store's dtypes. Each write covers whole chunks.
@@ -84,15 +87,15 @@ def write_train_unit(
         raise ValueError(f"{where}: lam values must be in [0, 1], got min {la.min()} max {la.max()}")
     kd = _ints(where, "kind", _arr(where, "kind", kind, (n,), "i"), 0, KIND_CUTMIX + 1, np.uint8)
 
-    group["train/topk_logits"][epoch, start:end] = tl
-    group["train/topk_classes"][epoch, start:end] = tc
-    group["train/hard_label"][epoch, start:end] = hl
-    group["train/logsumexp"][epoch, start:end] = lse
-    group["train/partner"][epoch, start:end] = pa
-    group["train/lam"][epoch, start:end] = la
-    group["train/kind"][epoch, start:end] = kd
-    group["train/label"][start:end] = lb  # same values from every epoch; writes are atomic renames
-    group["train/done"][epoch, shard] = True  # last: the unit counts only once all its data is there
+    arrays = {"topk_logits": tl, "topk_classes": tc, "hard_label": hl, "logsumexp": lse, "partner": pa, "lam": la,
+              "kind": kd, "label": lb}
+    for name, a in arrays.items():
+        if name == "label":  # the same values from every epoch; chunk writes are whole-object replaces
+            group["train/label"][start:end] = a
+        else:
+            group[f"train/{name}"][epoch, start:end] = a
+    # last: the unit counts only once all its data is there, and the record says what that data is
+    write_record(objects_of(group), "train", epoch, shard, (start, end), arrays)
 
 
 def write_val_unit(
@@ -105,7 +108,7 @@ def write_val_unit(
     logsumexp: np.ndarray,
     label: np.ndarray,
 ) -> None:
-    """Write one val shard's rows (the plain evaluation view, no epochs), then mark it done (last)."""
+    """Write one val shard's rows (the plain evaluation view, no epochs), then its done record (last)."""
     spec = spec_of(group)
     where = f"write_val_unit(shard={shard})"
     if not 0 <= shard < spec.n_val_shards:
@@ -115,9 +118,7 @@ def write_val_unit(
     tl, tc, hl, lse, lb = _targets(
         where, spec, end - start, topk_logits, topk_classes, hard_label, logsumexp, label
     )
-    group["val/topk_logits"][start:end] = tl
-    group["val/topk_classes"][start:end] = tc
-    group["val/hard_label"][start:end] = hl
-    group["val/logsumexp"][start:end] = lse
-    group["val/label"][start:end] = lb
-    group["val/done"][shard] = True  # last
+    arrays = {"topk_logits": tl, "topk_classes": tc, "hard_label": hl, "logsumexp": lse, "label": lb}
+    for name, a in arrays.items():
+        group[f"val/{name}"][start:end] = a
+    write_record(objects_of(group), "val", 0, shard, (start, end), arrays)  # last

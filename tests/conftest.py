@@ -146,6 +146,92 @@ def make_config(tmp_path: Path, data: dict[str, Any], **sections: Any) -> Config
     return Config.model_validate(raw)
 
 
+def derive(cfg: Config, **sections: Any) -> Config:
+    """``cfg`` with some sections deep-merged, re-validated."""
+    return Config.model_validate(_merge(cfg.model_dump(mode="json"), sections))
+
+
+def at(cfg: Config, path: Path) -> Config:
+    return derive(cfg, store={"path": str(path)})
+
+
+def write_yaml(cfg: Config, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def save_random_teacher(cfg: Config, path: Path, seed: int, num_classes: int = 10) -> Path:
+    """A randomly initialised teacher of ``cfg.teacher.model``, saved as a checkpoint (tests need no competence)."""
+    import torch
+
+    from pipeline.models import create_teacher, save_teacher_checkpoint
+
+    torch.manual_seed(seed)
+    net = create_teacher(
+        cfg.teacher.model_copy(update={"checkpoint": None, "pretrained": False}),
+        num_classes=num_classes, in_chans=cfg.aug.channels,
+    )
+    save_teacher_checkpoint(net, path, {"model": cfg.teacher.model, "seed": seed})
+    return path
+
+
+def store_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of train/ and val/, and the done masks (from the records), of the store at ``path``."""
+    import zarr
+
+    import store
+
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for split in ("train", "val"):
+        for name, arr in root[split].arrays():
+            out[f"{split}/{name}"] = arr[...]
+    out["train/done"], out["val/done"] = store.done_mask(root), store.val_done_mask(root)  # the done records
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Every array of train/ and val/ (done included) has the same dtype, shape and bytes."""
+    xa, xb = store_arrays(a), store_arrays(b)
+    assert sorted(xa) == sorted(xb)
+    assert "train/done" in xa and "val/done" in xa
+    for name in xa:
+        u, v = xa[name], xb[name]
+        assert u.dtype == v.dtype and u.shape == v.shape, name
+        if not np.array_equal(u, v):  # NaN never equals: an unfilled array cannot pass
+            diff = int((u != v).sum())
+            pytest.fail(f"{name}: {diff} of {u.size} values differ between {a} and {b}")
+        assert u.tobytes() == v.tobytes(), f"{name}: equal values but different bits (-0.0?)"
+
+
+def run_cli(*args: str):
+    """``distill ARGS`` in this process (click's runner); exceptions are caught and kept on the result."""
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_clean_failure(result, *needles: str) -> None:
+    """Exit code 1 through click (not an escaped exception), a message naming what is wrong."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"escaped exception: {result.exception!r}"
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for a module: on a shared 2-core machine two OpenMP threads spin against other
@@ -174,3 +260,34 @@ def imagefolder_roots(tmp_path: Path) -> tuple[Path, Path]:
 def tiny_config(tmp_path: Path, idx_root: Path) -> Config:
     """An idx Config on ``idx_root``: shards in ``tmp_path / "shards"`` (shard_size 10), tiny models."""
     return make_config(tmp_path, {"source": "idx", "root": str(idx_root)})
+
+
+def done_mask_at(path: Path):
+    """The (E, S) train done mask of the store at ``path`` (its done records)."""
+    import zarr
+
+    import store
+
+    return store.done_mask(zarr.open_group(str(path), mode="r"))
+
+
+def undo_unit(path: Path, epoch: int, shard: int, split: str = "train") -> None:
+    """Un-mark a unit as done (delete its record), as a crash before its record was written leaves it."""
+    import store
+
+    store.delete_record(store.objects_at(path), split, epoch, shard)
+
+
+def rewrite_unit(path: Path, epoch: int, shard: int, **changes) -> None:
+    """Rewrite a done train unit through the store's writer with some arrays changed (``name=function of the
+    old array``): a consistent unit, with its record, that holds other targets or another plan."""
+    import zarr
+
+    import store
+
+    g = zarr.open_group(str(path), mode="r+")
+    u = store.read_train_unit(g, epoch, shard)
+    arrays = {name: getattr(u, name) for name in ("topk_logits", "topk_classes", "hard_label", "logsumexp",
+                                                  "partner", "lam", "kind", "label")}
+    arrays.update({name: fn(arrays[name]) for name, fn in changes.items()})
+    store.write_train_unit(g, epoch, shard, **arrays)

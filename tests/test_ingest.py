@@ -16,6 +16,7 @@ from conftest import make_config, make_idx, make_imagefolder, write_idx
 from PIL import Image
 
 from pipeline.shards import (
+    FORMAT,
     ShardError,
     decode_sample,
     load_manifest,
@@ -136,12 +137,17 @@ def test_same_config_and_inputs_give_byte_identical_output(tmp_path, idx_root):
     assert tree_bytes(a) == tree_bytes(b)
     with tarfile.open(a / "train-000000.tar") as tf:
         assert {m.mtime for m in tf.getmembers()} == {0}
-    assert sorted(tree_bytes(a)) == [
+    assert sorted(tree_bytes(a)) == [  # each shard with its offset index
         "manifest.json",
+        "train-000000.idx",
         "train-000000.tar",
+        "train-000001.idx",
         "train-000001.tar",
+        "train-000002.idx",
         "train-000002.tar",
+        "val-000000.idx",
         "val-000000.tar",
+        "val-000001.idx",
         "val-000001.tar",
     ]
 
@@ -439,9 +445,10 @@ def test_manifest_is_canonical_json_without_timestamps(tmp_path, idx_root):
     text = (out / "manifest.json").read_text()
     d = json.loads(text)
     assert text == json.dumps(d, sort_keys=True, indent=2) + "\n"
-    assert d["format"] == 1 and d["num_classes"] == 10 and d["image"] == {"channels_hint": 1}
+    assert d["format"] == FORMAT and d["num_classes"] == 10 and d["image"] == {"channels_hint": 1}
     assert set(d["source"]) == {"kind", "config_hash", "input_key"}
-    assert set(d["splits"]["train"]["shards"][0]) == {"file", "start", "end", "count", "size", "sha256"}
+    assert set(d["splits"]["train"]["shards"][0]) == {"file", "start", "end", "count", "size", "sha256", "index",
+                                                      "index_sha256"}
 
 
 def test_verify_shards_detects_a_changed_shard(tmp_path, idx_root):
@@ -485,3 +492,18 @@ def test_train_shards_beyond_the_manifest_are_refused_naming_the_key(tiny_config
     data = tiny_config.data.model_copy(update={"train_shards": have})
     assert open_shards(tiny_config.model_copy(update={"data": data})).fingerprint == load_manifest(
         tiny_config.data.shards).fingerprint
+
+
+def test_sample_parser_reads_plain_ustar_and_falls_back_to_tarfile_for_pax(tmp_path):
+    """The fast header parser and tarfile agree; a pax member (a name over 100 bytes) takes tarfile's path."""
+    from pipeline.shard_index import _parse
+
+    for fmt, key in ((tarfile.USTAR_FORMAT, "00000007"), (tarfile.PAX_FORMAT, "k" * 120)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            for field, data in (("cls", b"3"), ("idx", b"7"), ("png", bytes(range(256)) * 3)):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        sample = _parse(buf.getvalue(), "test")
+        assert sample == {"__key__": key, "cls": b"3", "idx": b"7", "png": bytes(range(256)) * 3}

@@ -46,7 +46,8 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     work = tmp / "repo"
     (work / "configs").mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("pipeline", "store"):  # the code dvc.yaml lists as dependencies
+        shutil.copytree(ROOT / code, work / code, ignore=shutil.ignore_patterns("__pycache__"))
     (work / "configs" / "demo.yaml").write_text(yaml.safe_dump(_tiny_config(idx)))
     (work / ".gitignore").write_text("/data/\n/runs/\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -21,7 +21,7 @@ from pipeline.config import AugConfig, Config
 from pipeline.loading import ReplayDataset
 from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE, epoch_plan, soft_target
 from pipeline.replay import ReplayError, mix_views, replay_indices, replay_unit
-from pipeline.shards import ShardError, load_manifest, read_shard
+from pipeline.shards import ShardError, load_manifest, shard_samples
 from stages import ingest
 
 AUG = {
@@ -163,7 +163,7 @@ def _unit(shards, shard: int):
     m = load_manifest(path)
     start, end = m.ranges("train")[shard]
     plan = epoch_plan(cfg.aug, cfg.seed, 0, shard, start, end)
-    return cfg, m, plan, end, list(read_shard(m.shard_paths("train")[shard]))
+    return cfg, m, plan, end, list(shard_samples(m, "train", shard))
 
 
 def _replay(cfg, m, plan, end, samples) -> list:

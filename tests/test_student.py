@@ -28,9 +28,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-import zarr
 from click.testing import CliRunner
-from conftest import make_config, write_idx
+from conftest import make_config, rewrite_unit, undo_unit, write_idx
 from torch.utils.data import DataLoader
 
 import store
@@ -312,10 +311,13 @@ def test_refuses_a_store_from_another_teacher(mixed, tmp_path):
 def test_refuses_a_store_whose_mix_plan_differs(mixed, tmp_path, array):
     cfg, path = copy_store(mixed, tmp_path)
     a, b = load_manifest(mixed.data.shards).ranges("train")[1]
-    arr = zarr.open_group(path, mode="r+")[f"train/{array}"]
-    row = arr[0, a:b]
-    row[3] = (a + (int(row[3]) - a + 1) % (b - a)) if array == "partner" else float(row[3]) * 0.5 + 0.01
-    arr[0, a:b] = row
+
+    def change(row):
+        row = row.copy()
+        row[3] = (a + (int(row[3]) - a + 1) % (b - a)) if array == "partner" else float(row[3]) * 0.5 + 0.01
+        return row
+
+    rewrite_unit(path, 0, 1, **{array: change})  # a consistent unit written for another plan
     with pytest.raises(StageError, match=r"mix plan") as err:
         student_stage.run(with_student(cfg, output=tmp_path / "out"), progress=False, device="cpu")
     assert "(epoch 0, shard 1)" in str(err.value) and f"index {a + 3}" in str(err.value)
@@ -323,7 +325,7 @@ def test_refuses_a_store_whose_mix_plan_differs(mixed, tmp_path, array):
 
 def test_refuses_a_store_with_missing_units(mixed, tmp_path):
     cfg, path = copy_store(mixed, tmp_path)
-    zarr.open_group(path, mode="r+")["train/done"][1, 2] = False
+    undo_unit(path, 1, 2)
     with pytest.raises(store.MissingUnit, match=r"\(epoch 1, shard 2\)"):
         student_stage.run(with_student(cfg, output=tmp_path / "out"), progress=False, device="cpu")
 
@@ -338,10 +340,10 @@ def test_cli_reports_store_refusals_cleanly_with_exit_code_1(mixed, tmp_path, pr
         save_teacher_checkpoint(other, tmp_path / "t.pt", {})
         cfg, expected = with_teacher(cfg, tmp_path / "t.pt"), "teacher_sha256"
     elif problem == "plan":
-        zarr.open_group(path, mode="r+")["train/lam"][0, 0] = 0.3125
+        rewrite_unit(path, 0, 0, lam=lambda lam: np.r_[np.float32(0.3125), lam[1:]])
         expected = "mix plan"
     else:
-        zarr.open_group(path, mode="r+")["train/done"][0, 0] = False
+        undo_unit(path, 0, 0)
         expected = "not done"
     yml = write_yaml(cfg, tmp_path / "cfg.yaml")
     result = CliRunner().invoke(cli_main, ["student", "-c", str(yml), "--quiet", "--device", "cpu"])

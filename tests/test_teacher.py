@@ -10,26 +10,36 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import yaml
 import zarr
-from click.testing import CliRunner
-from conftest import make_config, make_idx
+from conftest import (
+    assert_clean_failure,
+    assert_same_store,
+    at,
+    derive,
+    done_mask_at,
+    free_port,
+    make_config,
+    make_idx,
+    rewrite_unit,
+    run_cli,
+    save_random_teacher,
+    store_arrays,
+    undo_unit,
+    write_yaml,
+)
 
 import store
 from pipeline.config import Config
 from pipeline.models import create_teacher, resolve_teacher, save_teacher_checkpoint
 from stages import ingest, teacher, teacher_fit, verify
-from stages.cli import main as cli
 from stages.common import StageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,79 +47,6 @@ N_TRAIN, N_VAL, CLASSES = 30, 12, 10
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def derive(cfg: Config, **sections: Any) -> Config:
-    """``cfg`` with some sections deep-merged, re-validated."""
-    return Config.model_validate(_merge(cfg.model_dump(mode="json"), sections))
-
-
-def at(cfg: Config, path: Path) -> Config:
-    return derive(cfg, store={"path": str(path)})
-
-
-def write_yaml(cfg: Config, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return path
-
-
-def save_random_teacher(cfg: Config, path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    net = create_teacher(
-        cfg.teacher.model_copy(update={"checkpoint": None, "pretrained": False}),
-        num_classes=CLASSES, in_chans=cfg.aug.channels,
-    )
-    save_teacher_checkpoint(net, path, {"model": cfg.teacher.model, "seed": seed})
-    return path
-
-
-def store_arrays(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    out = {}
-    for split in ("train", "val"):
-        for name, arr in root[split].arrays():
-            out[f"{split}/{name}"] = arr[...]
-    return out
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    """Every array of train/ and val/ (done included) has the same dtype, shape and bytes."""
-    xa, xb = store_arrays(a), store_arrays(b)
-    assert sorted(xa) == sorted(xb)
-    assert "train/done" in xa and "val/done" in xa
-    for name in xa:
-        u, v = xa[name], xb[name]
-        assert u.dtype == v.dtype and u.shape == v.shape, name
-        if not np.array_equal(u, v):  # NaN never equals: an unfilled array cannot pass
-            diff = int((u != v).sum())
-            pytest.fail(f"{name}: {diff} of {u.size} values differ between {a} and {b}")
-        assert u.tobytes() == v.tobytes(), f"{name}: equal values but different bits (-0.0?)"
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
-
-
-def assert_clean_failure(result, *needles: str) -> None:
-    """Exit code 1 through click (not an escaped exception), a message naming what is wrong."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), f"escaped exception: {result.exception!r}"
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in result.output, result.output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -125,7 +62,7 @@ def base(tmp_path_factory) -> Config:
     root = make_idx(tmp / "idx", N_TRAIN, N_VAL, classes=CLASSES)
     cfg = make_config(tmp, {"source": "idx", "root": str(root)})
     ingest.run(cfg, progress=False)
-    ckpt = save_random_teacher(cfg, tmp / "random_teacher.pt", seed=0)
+    ckpt = save_random_teacher(cfg, tmp / "random_teacher.pt", seed=0, num_classes=CLASSES)
     return derive(cfg, teacher={"checkpoint": str(ckpt)}, store={"path": str(tmp / "unused.zarr")})
 
 
@@ -236,8 +173,8 @@ def killed(base: Config, tmp_path_factory) -> tuple[Config, Path, Path, np.ndarr
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                done = zarr.open_group(str(path), mode="r")["train/done"][...]
-            except (FileNotFoundError, KeyError):
+                done = done_mask_at(path)
+            except (FileNotFoundError, KeyError, store.StoreError):
                 done = None
             if done is not None and 1 <= done.sum() < total:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -249,7 +186,7 @@ def killed(base: Config, tmp_path_factory) -> tuple[Config, Path, Path, np.ndarr
         out = proc.communicate(timeout=60)[0].decode(errors="replace")
     if proc.returncode != -signal.SIGKILL or done is None:
         pytest.fail(f"could not kill the teacher mid-run (rc {proc.returncode}, done {done}):\n{out}")
-    after = zarr.open_group(str(path), mode="r")["train/done"][...]
+    after = done_mask_at(path)
     assert 1 <= after.sum() < total, "the kill landed after the last unit"
     return cfg, path, clean, after
 
@@ -295,9 +232,8 @@ def test_verify_reports_full_agreement_on_fresh_store(base: Config, reference: P
 def test_verify_fails_on_tampered_store(base: Config, reference: Path, tmp_path: Path):
     path = tmp_path / "tampered.zarr"
     shutil.copytree(reference, path)
-    g = zarr.open_group(str(path), mode="r+")
-    hl = g["train/hard_label"][...]
-    g["train/hard_label"][...] = ((hl.astype(np.int64) + 1) % CLASSES).astype(hl.dtype)
+    for e, s in np.argwhere(done_mask_at(path)):  # other answers, written consistently (records and all)
+        rewrite_unit(path, e, s, hard_label=lambda hl: (hl.astype(np.int64) + 1) % CLASSES)
     cfg = at(base, path)
     assert verify.run(cfg, samples=16, device="cpu").agreement == 0.0
     result = run_cli("verify", "-c", write_yaml(cfg, tmp_path / "cfg.yaml"), "--samples", "16", "--device", "cpu")
@@ -311,7 +247,7 @@ def test_verify_fails_on_tampered_store(base: Config, reference: Path, tmp_path:
 def mismatches(base: Config, reference: Path, tmp_path_factory) -> dict[str, Config]:
     """Configs aimed at the reference store that differ in exactly one identity field each."""
     tmp = tmp_path_factory.mktemp("mismatch")
-    other_ckpt = save_random_teacher(base, tmp / "other_teacher.pt", seed=1)
+    other_ckpt = save_random_teacher(base, tmp / "other_teacher.pt", seed=1, num_classes=CLASSES)
     other_root = make_idx(tmp / "idx", N_TRAIN, N_VAL, classes=CLASSES, seed=1)  # same sizes, other images
     other_data = derive(base, data={"root": str(other_root), "shards": str(tmp / "shards")})
     ingest.run(other_data, progress=False)
@@ -405,7 +341,7 @@ def test_store_describe_prints_e_k_and_epochs_complete(reference: Path, tmp_path
 
     partial = tmp_path / "partial.zarr"
     shutil.copytree(reference, partial)
-    zarr.open_group(str(partial), mode="r+")["train/done"][1, 0] = False
+    undo_unit(partial, 1, 0)
     result = run_cli("store", "describe", partial)
     assert result.exit_code == 0, result.output
     assert "epochs complete: 1/2" in result.output

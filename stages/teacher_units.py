@@ -1,0 +1,142 @@
+"""The teacher stage's units: collecting a unit's rows from batches, writing it, and checking done ones.
+
+A unit is one (split, stored epoch, shard); its rows arrive in batches in any order, are gathered
+here, and the unit is written (arrays, then its done record) the moment its last row arrives, then
+its claim is released. Before filling, every done unit is read back and checked, and a damaged one
+loses its record so that it is computed again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import store
+from pipeline.progress import progress_bar
+from pipeline.shards import Manifest
+from stages.common import StageError
+
+Unit = tuple[str, int, int]
+"""(split, stored epoch, shard); val units have epoch 0."""
+
+
+def log_unit(owner: str, unit: Unit, event: str) -> None:
+    """Append one line to the file named by ``DISTILL_UNIT_LOG`` (which process did what, when), if set."""
+    path = os.environ.get("DISTILL_UNIT_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{time.time():.3f} {owner} {unit[0]} {unit[1]} {unit[2]} {event}\n")
+
+
+@dataclass
+class _UnitBuffer:
+    """Full teacher logits and replayed plan of one unit, filled as its samples arrive in any order."""
+
+    start: int
+    logits: np.ndarray
+    label: np.ndarray
+    partner: np.ndarray
+    lam: np.ndarray
+    kind: np.ndarray
+    seen: np.ndarray
+
+    @classmethod
+    def new(cls, start: int, end: int, num_classes: int) -> _UnitBuffer:
+        n = end - start
+        return cls(start, np.zeros((n, num_classes), np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                   np.ones(n, np.float32), np.zeros(n, np.uint8), np.zeros(n, bool))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.seen.all())
+
+
+class Collector:
+    """Scatters batch rows into per-unit buffers and writes each unit the moment it is complete, then lets
+    go of its claim."""
+
+    def __init__(self, group, manifest: Manifest, split: str, k: int, claims: store.Claims, path: str) -> None:
+        self.group, self.split, self.k, self.claims, self.path = group, split, k, claims, path
+        self.ranges = manifest.ranges(split)
+        self.starts = np.array([a for a, _ in self.ranges])
+        self.num_classes = manifest.num_classes
+        self.open: dict[tuple[int, int], _UnitBuffer] = {}
+        self.written = 0
+
+    def add(self, epoch: np.ndarray, index: np.ndarray, logits: np.ndarray, batch) -> None:
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        for e, s in sorted(set(zip(epoch.tolist(), shard.tolist(), strict=True))):
+            rows = np.flatnonzero((epoch == e) & (shard == s))
+            buf = self.open.get((e, s))
+            if buf is None:
+                buf = self.open[(e, s)] = _UnitBuffer.new(*self.ranges[s], self.num_classes)
+            local = index[rows] - buf.start
+            if buf.seen[local].any():
+                raise StageError(f"unit (epoch {e}, shard {s}): a sample was replayed twice")
+            buf.seen[local] = True
+            buf.logits[local] = logits[rows]
+            buf.label[local] = batch.label.numpy()[rows]
+            buf.partner[local] = batch.partner.numpy()[rows]
+            buf.lam[local] = batch.lam.numpy()[rows]
+            buf.kind[local] = batch.kind.numpy()[rows]
+            if buf.complete:
+                self._write(e, s, self.open.pop((e, s)))
+
+    def _write(self, epoch: int, shard: int, buf: _UnitBuffer) -> None:
+        epoch = epoch if self.split == "train" else 0  # evaluation views carry EVAL_EPOCH; val units are epoch 0
+        try:
+            topk_logits, topk_classes, hard, lse = store.topk_from_logits(buf.logits, self.k)
+        except ValueError as e:  # NaN/inf logits
+            raise StageError(f"teacher output for {self.split} unit (epoch {epoch}, shard {shard}): {e}; "
+                             "check the teacher checkpoint and the normalisation (aug.mean/std)") from e
+        targets = dict(
+            topk_logits=topk_logits, topk_classes=topk_classes, hard_label=hard, logsumexp=lse, label=buf.label
+        )
+        try:
+            if self.split == "train":
+                store.write_train_unit(
+                    self.group, epoch, shard, partner=buf.partner, lam=buf.lam, kind=buf.kind, **targets
+                )
+            else:
+                store.write_val_unit(self.group, shard, **targets)
+        except OSError as e:  # disk full, permission denied, a read-only store
+            raise StageError(f"logit store {self.path}: cannot write {self.split} unit (epoch {epoch}, shard "
+                             f"{shard}): {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from e
+        log_unit(self.claims.owner, (self.split, epoch, shard), "written")
+        self.claims.release(self.split, epoch, shard)
+        self.written += 1
+
+    def check_complete(self) -> None:
+        if self.open:
+            left = ", ".join(f"(epoch {e}, shard {s})" for e, s in sorted(self.open))
+            raise StageError(f"{self.split} units ended incomplete: {left}")
+
+
+def pending(group, spec: store.StoreSpec) -> list[Unit]:
+    """Every unit without a done record: train units by epoch then shard, then val (two listings)."""
+    done, vdone = store.done_mask(group), store.val_done_mask(group)
+    return ([("train", e, s) for e in range(spec.epochs) for s in range(spec.n_shards) if not done[e, s]]
+            + [("val", 0, s) for s in range(spec.n_val_shards) if not vdone[s]])
+
+
+def check_done(group, spec: store.StoreSpec, rank: int, world: int, progress: bool) -> list[Unit]:
+    """Read back every done unit (this rank's share) and drop the record of each damaged one, so it is
+    computed again; returns the damaged units."""
+    done, vdone = store.done_mask(group), store.val_done_mask(group)
+    units = [("train", int(e), int(s)) for e, s in np.argwhere(done)]
+    units += [("val", 0, int(s)) for s in np.flatnonzero(vdone)]
+    mine, damaged = units[rank::world], []
+    objs = store.objects_of(group)
+    with progress_bar(len(mine), "teacher: checking done units", "unit", progress and len(mine) > 0) as bar:
+        for split, e, s in mine:
+            try:
+                store.read_train_unit(group, e, s) if split == "train" else store.read_val_unit(group, s)
+            except store.DamagedUnit as err:
+                print(f"teacher: {err}; computing it again")
+                store.delete_record(objs, split, e, s)
+                damaged.append((split, e, s))
+            bar.update(1)
+    return damaged

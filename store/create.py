@@ -1,0 +1,136 @@
+"""Creating and opening a logit store, safely under many writers and on any filesystem.
+
+Creation is race-free: the root metadata (format, spec, provenance) is written with an exclusive
+create, so of many processes starting on one new path exactly one creates the store and the others
+find it and check that it is theirs; arrays are created idempotently (an array another process
+created meanwhile is checked, not overwritten). Re-creating a store of the same spec and provenance
+reopens it (resume); a store of another run is refused by ProvenanceMismatch naming every field.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+from store.layout import FORMAT, StoreSpec, array_layout, compressors_for, no_data, validate_spec
+from store.objects import objects_at
+from store.provenance import IDENTITY_FIELDS, StoreError, check_identity, differences, mismatch_error, normalize
+
+SPEC_IDENTITY = ("num_classes", "epochs", "topk", "train_ranges", "val_ranges")
+"""Spec fields that must match on reopen; codec and level only change how bytes are stored."""
+
+
+def is_local(path: str | Path) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def store_path(path: str | Path) -> str | Path:
+    """What zarr is given: a Path for local stores, the URL string otherwise (fsspec)."""
+    return Path(str(path).removeprefix("file://")) if is_local(path) else str(path)
+
+
+def _open(path: str | Path, mode: str, storage_options: dict[str, Any] | None, **kw: Any) -> zarr.Group:
+    opts = {} if is_local(path) or not storage_options else {"storage_options": storage_options}
+    return zarr.open_group(store_path(path), mode=mode, **opts, **kw)
+
+
+def finalize(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+    """Consolidate the metadata, so one read opens the store (idempotent: any writer may call it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        # the done records and claims beside the arrays are plain objects, not zarr nodes
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+        zarr.consolidate_metadata(_open(path, "r+", storage_options, use_consolidated=False).store)
+
+
+def _check_attrs(path: str | Path, attrs: dict[str, Any], spec: StoreSpec, prov: dict[str, Any]) -> None:
+    if attrs.get("format") != FORMAT or "spec" not in attrs or "provenance" not in attrs:
+        raise StoreError(
+            f"{path}: Zarr group exists but is not a logit store of format {FORMAT} "
+            f"(format={attrs.get('format')!r}); use another path or delete it"
+        )
+    stored_prov, stored_spec, fresh_spec = attrs["provenance"], attrs["spec"], spec.to_dict()
+    fields = [f for f in IDENTITY_FIELDS if f in prov or f in stored_prov]
+    diffs = differences(stored_prov, prov, fields)
+    diffs += [(f"spec.{f}", stored_spec.get(f), fresh_spec[f]) for f in SPEC_IDENTITY
+              if stored_spec.get(f) != fresh_spec[f]]
+    if diffs:
+        raise mismatch_error(str(path), diffs, stored_prov.get("aug"), prov.get("aug"))
+
+
+def _ensure_arrays(root: zarr.Group, spec: StoreSpec) -> bool:
+    """Create missing arrays (a creation cut short, or racing with another writer's); check existing ones."""
+    created = False
+    comp = compressors_for(spec.codec, spec.level)
+    for name, (shape, chunks, dtype) in array_layout(spec).items():
+        try:
+            root.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=comp,
+                              fill_value=no_data(dtype))
+            created = True
+            continue
+        except (ContainsArrayError, ContainsGroupError):
+            arr = root[name]
+        if tuple(arr.shape) != shape or tuple(arr.chunks) != chunks or np.dtype(arr.dtype) != dtype:
+            raise StoreError(
+                f"{root.store}: array {name} has shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}; "
+                f"the spec needs {shape}, {chunks}, {dtype}"
+            )
+    return created
+
+
+def create_store(path: str | Path, spec: StoreSpec, provenance: dict[str, Any],
+                 storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """Create the store, or reopen it (mode "r+") for a resumed run of the same spec and provenance."""
+    validate_spec(spec)
+    prov = normalize(provenance)
+    objs = objects_at(path, storage_options)
+    if objs.local and objs.get("zarr.json") is None and Path(objs.root).is_dir() and any(Path(objs.root).iterdir()):
+        raise StoreError(f"{path}: a non-empty directory that is not a Zarr store; refusing to write into it")
+    meta = {"zarr_format": 3, "node_type": "group",
+            "attributes": {"format": FORMAT, "spec": spec.to_dict(), "provenance": prov}}
+    created = objs.put("zarr.json", json.dumps(meta).encode(), exclusive=True)
+    root = _open(path, "r+", storage_options, use_consolidated=False)
+    attrs = root.attrs.asdict()
+    if not created:
+        _check_attrs(path, attrs, spec, prov)
+    # The arrays keep the codec they were created with: ensure them from the stored spec.
+    if _ensure_arrays(root, StoreSpec.from_dict(attrs["spec"])) or created:
+        finalize(path, storage_options)
+    return root
+
+
+def open_store(path: str | Path, expected: dict[str, Any] | None = None,
+               storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """Open read-only; with ``expected``, refuse a store written for another run (ProvenanceMismatch).
+
+    Each IDENTITY field present in ``expected`` is compared; every differing one is named with both
+    values. A missing path, a non-store or an incomplete store raises StoreError.
+    """
+    try:
+        root = _open(path, "r", storage_options)
+    except FileNotFoundError:
+        objs = objects_at(path, storage_options)
+        if objs.local and Path(objs.root).exists() or not objs.local and objs.fs.exists(objs.root):
+            raise StoreError(f"logit store {path}: exists but is not a Zarr store (no zarr.json); "
+                             "is it the right path?") from None
+        raise StoreError(f"logit store {path}: not found (run the teacher stage to create it)") from None
+    except Exception as e:  # corrupt metadata and the like
+        raise StoreError(f"logit store {path}: cannot be opened as a Zarr v3 group: {e}") from e
+    attrs = root.attrs.asdict()
+    if attrs.get("format") != FORMAT or "spec" not in attrs or "provenance" not in attrs:
+        raise StoreError(
+            f"logit store {path}: not a logit store of format {FORMAT} (format={attrs.get('format')!r}"
+            f"{'; written by an older version: run `distill teacher` into a new path' if attrs.get('format') else ''})"
+        )
+    missing = [name for name in array_layout(StoreSpec.from_dict(attrs["spec"])) if name not in root]
+    if missing:
+        raise StoreError(f"logit store {path}: incomplete, missing arrays {missing} (creation was cut short?)")
+    if expected is not None:
+        check_identity(str(path), attrs["provenance"], expected)
+    return root

@@ -1,0 +1,298 @@
+"""Damage on disk: every row of the integrity issue's table, on a tiny store, refused or repaired.
+
+A store (E=2, K=5, 3 train shards of 10 and 2 val shards) is written once per module by a random
+teacher; each test damages a copy (a flipped, deleted or truncated chunk, a replaced or garbled image,
+a full disk) and checks that the student, verify, the teacher and ingest refuse it with a message
+naming what broke, or repair it, and that nothing trains on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import (
+    assert_clean_failure,
+    assert_same_store,
+    at,
+    derive,
+    done_mask_at,
+    make_config,
+    make_idx,
+    rewrite_unit,
+    run_cli,
+    save_random_teacher,
+    write_yaml,
+)
+
+import store
+from pipeline.config import Config
+from pipeline.shards import load_manifest
+from stages import ingest, student, teacher, verify
+
+N_TRAIN, N_VAL, CLASSES = 30, 12, 10
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Config:
+    tmp = tmp_path_factory.mktemp("integrity")
+    root = make_idx(tmp / "idx", N_TRAIN, N_VAL, classes=CLASSES)
+    cfg = make_config(tmp, {"source": "idx", "root": str(root)}, student={"epochs": 1, "depth": 1})
+    ingest.run(cfg, progress=False)
+    ckpt = save_random_teacher(cfg, tmp / "teacher.pt", seed=0, num_classes=CLASSES)
+    return derive(cfg, teacher={"checkpoint": str(ckpt)})
+
+
+@pytest.fixture(scope="module")
+def reference(base: Config) -> Path:
+    path = Path(base.data.shards).parent / "reference.zarr"
+    teacher.run(at(base, path), progress=False, device="cpu")
+    return path
+
+
+@pytest.fixture
+def damaged(base: Config, reference: Path, tmp_path: Path) -> tuple[Config, Path]:
+    """A config on a private copy of the reference store (to damage), with its own student output."""
+    path = tmp_path / "store.zarr"
+    shutil.copytree(reference, path)
+    return derive(at(base, path), student={"output": str(tmp_path / "student")}), path
+
+
+def chunk(path: Path, array: str, epoch: int, shard: int) -> Path:
+    """The file of one unit's chunk of a train array (zarr v3's default chunk keys)."""
+    rest = "/0" if array in ("topk_logits", "topk_classes") else ""
+    return path / "train" / array / "c" / str(epoch) / f"{shard}{rest}"
+
+
+def flip(file: Path, at_byte: int, n: int) -> None:
+    data = bytearray(file.read_bytes())
+    for i in range(at_byte, min(at_byte + n, len(data))):
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def student_fails(cfg: Config, *needles: str, distillation: str = "soft") -> None:
+    cfg = derive(cfg, student={"distillation": distillation})
+    with pytest.raises(store.StoreError) as err:
+        student.run(cfg, progress=False, device="cpu")
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    assert not (Path(cfg.student.output) / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+def test_flipped_bytes_in_a_logits_chunk_are_refused_naming_unit_and_array(damaged):
+    cfg, path = damaged
+    flip(chunk(path, "topk_logits", 0, 1), 40, 16)
+    for kind in ("soft", "hard"):
+        student_fails(cfg, "(epoch 0, shard 1)", "train/topk_logits", str(path), distillation=kind)
+    result = run_cli("verify", "-c", write_yaml(cfg, path.parent / "cfg.yaml"), "--quiet", "--device", "cpu")
+    assert_clean_failure(result, "1 damaged", "(epoch 0, shard 1)", "topk_logits")
+
+
+@pytest.mark.parametrize("array", ["topk_logits", "hard_label"])
+def test_a_deleted_chunk_is_refused_never_read_as_its_fill_value(damaged, array):
+    cfg, path = damaged
+    chunk(path, array, 0, 2).unlink()  # the student's one epoch replays stored epoch 0
+    student_fails(cfg, "(epoch 0, shard 2)", f"train/{array}", "missing", distillation="hard")
+    report = verify.run(cfg, device="cpu")
+    assert len(report.damaged) == 1 and "missing" in report.damaged[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_chunk_is_a_one_line_cli_error(damaged, workers):
+    """Also when the unit is read in a DataLoader worker, whose error text carries the worker's traceback."""
+    cfg, path = damaged
+    f = chunk(path, "hard_label", 0, 0)
+    f.write_bytes(f.read_bytes()[:-7])
+    result = run_cli("student", "-c", write_yaml(cfg, path.parent / "cfg.yaml"), "--quiet", "--device", "cpu",
+                     "-s", "student.distillation=hard", "--workers", str(workers))
+    assert_clean_failure(result, "(epoch 0, shard 0)", "train/hard_label")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_teacher_recomputes_exactly_the_damaged_units(damaged, reference, capsys):
+    cfg, path = damaged
+    flip(chunk(path, "topk_logits", 0, 1), 40, 16)
+    chunk(path, "hard_label", 1, 2).unlink()
+    untouched = chunk(path, "lam", 1, 0).stat().st_mtime_ns
+    teacher.run(cfg, progress=False, device="cpu")
+    out = capsys.readouterr().out
+    assert "(epoch 0, shard 1)" in out and "(epoch 1, shard 2)" in out and "wrote 2 unit(s)" in out
+    assert chunk(path, "lam", 1, 0).stat().st_mtime_ns == untouched  # the rest is left alone
+    assert_same_store(reference, path)
+
+
+def test_verify_fails_on_a_logit_beyond_the_tolerance_and_on_nan(damaged):
+    cfg, path = damaged
+    yml = write_yaml(cfg, path.parent / "cfg.yaml")
+    for e, s in np.argwhere(done_mask_at(path)):  # consistent units (records and all), logits shifted by 2
+        rewrite_unit(path, e, s, topk_logits=lambda x: x + 2.0)
+    assert_clean_failure(run_cli("verify", "-c", yml, "--quiet", "--device", "cpu"), "above --max-logit-diff")
+    g = zarr.open_group(str(path), mode="r+")
+    a, b = load_manifest(cfg.data.shards).ranges("train")[0]
+    lse = g["train/logsumexp"][0, a:b]
+    lse[0] = np.nan
+    g["train/logsumexp"][0, a:b] = lse
+    record = store.read_record(store.objects_at(path), "train", 0, 0)
+    from store.records import write_record  # the writer refuses NaN: only a record written by hand can hold it
+
+    u = {k: np.asarray(g[f"train/{k}"][0, a:b]) for k in store.reader.TRAIN_ARRAYS}
+    write_record(store.objects_at(path), "train", 0, 0, tuple(record["rows"]), {**u, "label": g["train/label"][a:b]})
+    assert_clean_failure(run_cli("verify", "-c", yml, "--quiet", "--device", "cpu"), "1 unit(s) hold NaN")
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def replace_image(shards: Path, shard_file: str, position: int) -> None:
+    """Overwrite one sample's PNG bytes inside a tar with another valid PNG of exactly the same size."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    tar = shards / shard_file
+    with tarfile.open(tar) as tf:
+        members = [m for m in tf.getmembers() if m.name.endswith(".png")]
+        m = members[position]
+        original = tf.extractfile(m).read()
+    for seed in range(1000):
+        rng = np.random.default_rng(seed)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG", compress_level=0)
+        data = buf.getvalue()[: len(original)]
+        try:
+            Image.open(io.BytesIO(data)).load()
+        except OSError:
+            continue
+        if len(data) == len(original) and data != original:
+            break
+    raw = bytearray(tar.read_bytes())
+    raw[m.offset_data : m.offset_data + len(original)] = data
+    tar.write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def own_shards(base: Config, reference: Path, tmp_path: Path) -> tuple[Config, Path]:
+    """A config on private copies of the shards and the store (the shards to damage)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(base.data.shards, shards)
+    shutil.copytree(reference, tmp_path / "store.zarr")
+    cfg = derive(at(base, tmp_path / "store.zarr"), data={"shards": str(shards)},
+                 student={"output": str(tmp_path / "student")})
+    return cfg, shards
+
+
+def test_an_image_replaced_by_another_of_the_same_size_is_refused_everywhere(own_shards, capsys):
+    cfg, shards = own_shards
+    replace_image(shards, "train-000001.tar", 3)
+    needles = ("train-000001.tar", "sample 00000013")
+    with pytest.raises(Exception) as err:
+        student.run(derive(cfg, student={"distillation": "hard"}), progress=False, device="cpu")
+    assert all(n in str(err.value) for n in needles), str(err.value)
+    with pytest.raises(Exception) as err:
+        teacher.run(at(cfg, shards.parent / "fresh.zarr"), progress=False, device="cpu")
+    assert all(n in str(err.value) for n in needles), str(err.value)
+    with pytest.raises(Exception) as err:
+        verify.run(cfg, samples=200, device="cpu")
+    assert all(n in str(err.value) for n in needles), str(err.value)
+    ingest.run(cfg, progress=False)  # not "up to date": the sha256 differs, so the shards are written again
+    out = capsys.readouterr().out
+    assert "shards out of date" in out and "train-000001.tar" in out and "wrote" in out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_truncated_tar_or_a_garbled_image_is_a_one_line_error_naming_shard_and_sample(own_shards, damage):
+    cfg, shards = own_shards
+    tar = shards / "train-000002.tar"
+    raw = tar.read_bytes()
+    if damage == "truncate":
+        tar.write_bytes(raw[: len(raw) // 2])
+        needle = "truncated"
+    else:
+        flip(tar, len(raw) // 3, 64)
+        needle = "differ"
+    yml = write_yaml(derive(cfg, student={"distillation": "hard"}), shards.parent / "cfg.yaml")
+    result = run_cli("student", "-c", yml, "--quiet", "--device", "cpu")
+    assert_clean_failure(result, "train-000002.tar", "sample 000000", needle)
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- writes
+
+
+def test_disk_full_while_the_teacher_writes_is_one_line_naming_the_store(base, tmp_path, monkeypatch):
+    import zarr.storage._local as local
+
+    def full(path, value, exclusive=False):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    path = tmp_path / "full.zarr"
+    yml = write_yaml(at(base, path), tmp_path / "cfg.yaml")
+    monkeypatch.setattr(local, "_put", full)
+    result = run_cli("teacher", "-c", yml, "--quiet", "--device", "cpu")
+    assert_clean_failure(result, str(path), "No space left on device")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_disk_full_while_the_student_checkpoints_leaves_no_temp_file(damaged, monkeypatch):
+    import pipeline.files as files
+
+    cfg, _ = damaged
+    cfg = derive(cfg, student={"distillation": "none"})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    result = run_cli("student", "-c", write_yaml(cfg, Path(cfg.student.output).parent / "cfg.yaml"), "--quiet",
+                     "--device", "cpu")
+    assert_clean_failure(result, str(Path(cfg.student.output) / "checkpoint.pt"), "No space left on device")
+    assert not list(Path(cfg.student.output).glob("*tmp*")) and not list(Path(cfg.student.output).glob(".*"))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(base, damaged, tmp_path):
+    import fractions
+
+    cfg, _ = damaged
+    out = Path(cfg.student.output)
+    student.run(derive(cfg, student={"distillation": "none"}), progress=False, device="cpu")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["history"] = fractions.Fraction(1, 3)  # an arbitrary pickled object: the safe loader refuses it
+    torch.save(ckpt, out / "checkpoint.pt")
+    yml = write_yaml(derive(cfg, evaluate={"students": [str(out)]}), tmp_path / "cfg.yaml")
+    for args in (["evaluate"], ["student", "-s", "student.distillation=none"]):
+        result = run_cli(*args, "-c", yml, "--device", "cpu")
+        assert_clean_failure(result, "checkpoint.pt", "pickled Python objects")
+        assert "weights_only" not in result.output and "Traceback" not in result.output
+    torch.save({"model": fractions.Fraction(1, 3)}, tmp_path / "teacher.pt")
+    yml = write_yaml(derive(cfg, teacher={"checkpoint": str(tmp_path / "teacher.pt")}), tmp_path / "t.yaml")
+    result = run_cli("verify", "-c", yml, "--device", "cpu")
+    assert_clean_failure(result, "teacher.checkpoint", "pickled Python objects")
+    assert "weights_only" not in result.output
+
+
+def test_a_changed_augmentation_key_is_named(damaged):
+    cfg, _ = damaged
+    with pytest.raises(store.ProvenanceMismatch) as err:
+        teacher.run(derive(cfg, aug={"reprob": 0.5}), progress=False, device="cpu")
+    assert "aug_hash" in str(err.value) and "aug.reprob: store has 0.25, this run expects 0.5" in str(err.value)
+
+
+def test_describe_on_a_folder_that_is_not_a_store_says_so(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("hello")
+    assert_clean_failure(run_cli("store", "describe", tmp_path / "folder"), "is not a Zarr store")
+    assert_clean_failure(run_cli("store", "describe", tmp_path / "nowhere"), "not found")
