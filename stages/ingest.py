@@ -39,6 +39,7 @@ from pipeline.shards import (
     write_manifest,
 )
 from pipeline.sources import CorruptImage, IngestError, Record, Source, read_source
+from store.claims import pid_alive
 
 __all__ = ["IngestError", "run", "shuffle_records", "input_key"]
 
@@ -141,16 +142,6 @@ def _write_split(
     return {"count": index, "shards": shards, "skipped": skipped}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(out: Path) -> None:
     """Remove tmp/old siblings left by ingest processes that no longer run (e.g. killed ones)."""
     if not out.parent.is_dir():
@@ -158,7 +149,7 @@ def _remove_stale(out: Path) -> None:
     pat = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)$")
     for entry in out.parent.iterdir():
         m = pat.match(entry.name)
-        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+        if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -24,7 +24,8 @@ from store.objects import Objects
 CLAIMS = "claims"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid runs (a process of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,7 +50,7 @@ def alive(claim: dict, now: float | None = None) -> bool:
         return False
     host, _, rest = str(claim.get("owner", "")).partition(":")
     pid = rest.partition(":")[0]
-    return not (host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)))
+    return not (host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)))
 
 
 @dataclass
