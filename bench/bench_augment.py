@@ -46,7 +46,7 @@ def measure(aug: AugConfig, n: int, rounds: int, src_size: int) -> dict[str, flo
     windows = [(first, images[first : first + aug.window]) for first in range(0, n, aug.window)]
     sides = {
         "global": lambda epoch, first, imgs: [transform(img) for img in imgs],
-        "replay": lambda epoch, first, imgs: base_views(transform, imgs, 0, epoch, first, len(imgs)),
+        "replay": lambda epoch, first, imgs: base_views(transform, imgs, 0, epoch, range(first, first + len(imgs))),
     }
     for fn in sides.values():  # warm-up
         fn(-1, 0, images[:20])

@@ -34,17 +34,18 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from bench.common import add_machine_args, load_average, set_threads
 from bench.data import ingest_with_random_teacher, source_root
 from pipeline.config import Config, load_config
-from pipeline.loading import ReplayDataset
+from pipeline.loading import train_stream
 from pipeline.losses import teacher_targets_from_store
+from pipeline.plan import stored_epoch
 from pipeline.shards import load_manifest
 from stages import student as student_stage
 from stages import teacher
@@ -95,11 +96,12 @@ def loader_us_per_image(cfg: Config, offline: bool) -> float:
     """One epoch of the student's input stream alone (no model): replay, plus the store join when offline."""
     m = load_manifest(cfg.data.shards)
     sc = cfg.student
-    units = student_stage._epoch_units(cfg, len(m.ranges("train")), 0)
-    ds = ReplayDataset(m, cfg.aug, cfg.seed, units, shuffle=sc.shuffle, order_epoch=0,
-                       join=StoreJoin(cfg.store.path) if offline else None)
+    ds, loader = train_stream(m, cfg.aug, cfg.seed, batch_size=sc.batch_size, rank=0, world=1, shuffle=sc.shuffle,
+                              workers=sc.workers, view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
+                              join=StoreJoin(cfg.store.path) if offline else None)
+    ds.set_epoch(0)
     n, t0 = 0, time.perf_counter()
-    for b in DataLoader(ds, batch_size=sc.batch_size, num_workers=sc.workers, drop_last=True):
+    for b in loader:
         if offline:
             teacher_targets_from_store(b.t_logits, b.t_classes, b.t_lse, b.t_hard, m.num_classes, sc.tau, False)
         n += len(b.view)

@@ -200,7 +200,10 @@ class StudentConfig(Strict):
     eval_every: PosInt = 1
     """Evaluate on val every N epochs (and always after the last)."""
     shuffle: Annotated[int, Field(ge=0)] = 2048
-    """Seeded shuffle buffer (samples per worker); 0 streams shards in order."""
+    """Seeded shuffle buffer (samples per worker); 0 streams the epoch's windows in order."""
+    elastic: Literal["keep_global_batch", "rescale_lr"] = "keep_global_batch"
+    """Resuming on another number of ranks: keep the checkpoint's global batch (the per-rank batch becomes
+    global / ranks) or keep student.batch_size per rank and scale the lr with the new global batch."""
     output: Path = Path("runs/student")
 
 

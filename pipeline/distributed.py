@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,21 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
+TIMEOUT_S = 3600.0
+"""Default process-group timeout: long enough for rank 0 to evaluate and checkpoint an ImageNet epoch while
+the other ranks wait at the epoch's barrier; set DISTILL_PG_TIMEOUT (seconds) to change it."""
+
+
+def timeout() -> timedelta:
+    """The collectives' timeout: a rank that waits longer fails with an error naming the collective."""
+    text = os.environ.get("DISTILL_PG_TIMEOUT", "")
+    try:
+        seconds = float(text) if text else TIMEOUT_S
+    except ValueError:
+        raise DeviceError(f"DISTILL_PG_TIMEOUT={text!r}: expected seconds, e.g. 3600") from None
+    return timedelta(seconds=seconds)
+
+
 def setup(device: str = "auto") -> DistEnv:
     """Join the process group that ``torchrun`` describes in the environment (if any) and pick a device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,7 +66,7 @@ def setup(device: str = "auto") -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout())
     return DistEnv(rank, world, local_rank, dev)
 
 

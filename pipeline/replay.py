@@ -42,17 +42,16 @@ class ReplaySample(NamedTuple):
 
 def base_view(transform: Callable, img: Image.Image, seed: int, epoch: int, index: int) -> torch.Tensor:
     """The un-mixed augmented view of one sample in one epoch."""
-    return base_views(transform, [img], seed, epoch, index, 1)[0]
+    return base_views(transform, [img], seed, epoch, [index])[0]
 
 
 def base_views(
-    transform: Callable, images: Iterable[Image.Image], seed: int, epoch: int, first: int, count: int
+    transform: Callable, images: Iterable[Image.Image], seed: int, epoch: int, indices: Sequence[int] | np.ndarray
 ) -> list[torch.Tensor]:
-    """The un-mixed views of the ``count`` consecutive indices from ``first``: equal to :func:`base_view`
-    of each, with the window's random streams set up in one vectorised pass. ``images`` may be lazy
-    (each is dropped once its view is made)."""
+    """The un-mixed views of ``indices``: equal to :func:`base_view` of each, with their random streams set up
+    in one vectorised pass. ``images`` may be lazy (each is dropped once its view is made)."""
     out = []
-    draws = streams(view_keys(seed, epoch, np.arange(first, first + count)))
+    draws = streams(view_keys(seed, epoch, np.asarray(indices, dtype=np.int64)))
     with views_scope() as use:
         for img, draw in zip(images, draws, strict=True):
             use(draw)
@@ -74,6 +73,44 @@ def mix_views(
     return view
 
 
+def piece_needs(plan: EpochPlan, first: int, lo: int, hi: int) -> np.ndarray:
+    """Sorted positions (in the window starting at global index ``first``) whose base views replaying positions
+    ``lo .. hi - 1`` needs: those, and their Mixup/CutMix partners (always in the same window)."""
+    rows = first - plan.start + np.arange(lo, hi)
+    return np.union1d(np.arange(lo, hi), plan.partner[rows] - first)
+
+
+def replay_piece(
+    samples: Iterator[dict],
+    plan: EpochPlan,
+    first: int,
+    lo: int,
+    hi: int,
+    *,
+    transform: Callable,
+    aug: AugConfig,
+    seed: int,
+    num_classes: int,
+    source: str = "shard",
+) -> Iterator[ReplaySample]:
+    """Replay positions ``lo .. hi - 1`` of the mixing window that starts at global index ``first``.
+
+    ``samples`` yields the window's raw samples from position ``piece_needs(...)[0]`` on (it is advanced to
+    the last position needed, no further); only the needed ones are decoded. A view is the same whatever
+    piece of its window it is made in."""
+    needed = piece_needs(plan, first, lo, hi)
+    labels: dict[int, int] = {}
+    images = _decoded(samples, first, needed, labels, source)
+    views = dict(zip(needed.tolist(), base_views(transform, images, seed, plan.epoch, first + needed), strict=True))
+    for j in range(lo, hi):
+        i = first - plan.start + j
+        p = int(plan.partner[i]) - first
+        kind, lam = int(plan.kind[i]), float(plan.lam[i])
+        view = mix_views(views[j], views[p], kind, lam, plan.box[i])
+        target = soft_target(labels[j], labels[p], lam, num_classes, aug.smoothing)
+        yield ReplaySample(plan.epoch, first + j, view, torch.from_numpy(target), labels[j], first + p, kind, lam)
+
+
 def replay_unit(
     samples: Iterable[dict],
     plan: EpochPlan,
@@ -85,38 +122,36 @@ def replay_unit(
     num_classes: int,
     source: str = "shard",
 ) -> Iterator[ReplaySample]:
-    """Replay one (epoch, shard) unit from its samples in shard order, one window at a time."""
-    start, window = plan.start, aug.window
+    """Replay one (epoch, shard) unit from its samples in shard order, one whole window at a time."""
     it = iter(samples)
-    for first in range(start, end, window):
-        count = min(window, end - first)
-        labels: list[int] = []
-        views = base_views(transform, _decoded(it, first, count, labels, end, source), seed, plan.epoch, first, count)
-        w0 = first - start
-        for j in range(count):
-            i = w0 + j
-            p = int(plan.partner[i]) - first
-            kind, lam = int(plan.kind[i]), float(plan.lam[i])
-            view = mix_views(views[j], views[p], kind, lam, plan.box[i])
-            target = soft_target(labels[j], labels[p], lam, num_classes, aug.smoothing)
-            yield ReplaySample(plan.epoch, first + j, view, torch.from_numpy(target), labels[j], first + p, kind, lam)
+    for first in range(plan.start, end, aug.window):
+        count = min(aug.window, end - first)
+        yield from replay_piece(it, plan, first, 0, count, transform=transform, aug=aug, seed=seed,
+                                num_classes=num_classes, source=source)
     extra = sum(1 for _ in it)
     if extra:
         raise ReplayError(f"{source}: {extra} more sample(s) after index {end - 1}, where the manifest ends the shard")
 
 
 def _decoded(
-    it: Iterator[dict], first: int, count: int, labels: list[int], end: int, source: str
+    it: Iterator[dict], first: int, needed: np.ndarray, labels: dict[int, int], source: str
 ) -> Iterator[Image.Image]:
-    """The images of indices first .. first + count - 1 from ``it``, checked; their labels go to ``labels``."""
-    for expected in range(first, first + count):
-        raw = next(it, None)
-        if raw is None:
-            raise ReplayError(f"{source}: shard ended at index {expected}, the manifest says {end}")
-        index, label, img = decode_sample(raw)
-        if index != expected:
-            raise ReplayError(f"{source}: expected sample index {expected}, found {index}")
-        labels.append(label)
+    """The images of window positions ``needed`` (sorted) from ``it``, which starts at ``needed[0]``; the
+    samples between them are checked and skipped undecoded; the labels go to ``labels``."""
+    pos = int(needed[0])
+    for want in needed.tolist():
+        while True:
+            raw = next(it, None)
+            if raw is None:
+                raise ReplayError(f"{source}: shard ended at index {first + pos}, the manifest says more")
+            index = sample_index(raw)
+            if index != first + pos:
+                raise ReplayError(f"{source}: expected sample index {first + pos}, found {index}")
+            pos += 1
+            if pos - 1 == want:
+                break
+        _, label, img = decode_sample(raw)
+        labels[want] = label
         yield img
 
 

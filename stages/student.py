@@ -16,6 +16,7 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from pipeline.checkpoint import checkpoint_path, load_checkpoint, rng_state, sav
 from pipeline.config import Config, canonical_hash
 from pipeline.evaluation import collect_logits_many, head_accuracies
 from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.loading import ReplayDataset, make_loader, val_dataset
+from pipeline.loading import make_loader, train_stream, val_dataset
 from pipeline.losses import (
     TeacherTargets,
     distillation_loss,
@@ -42,13 +43,15 @@ from pipeline.losses import (
 from pipeline.models import create_student, load_teacher, resolve_teacher, teacher_forward, teacher_identity
 from pipeline.plan import stored_epoch
 from pipeline.progress import progress_bar
-from pipeline.rng import TAG_SHUFFLE, derive_seed
 from pipeline.run_store import open_complete_store
+from pipeline.sampling import steps_per_epoch
 from pipeline.shards import Manifest, open_shards
 from stages.common import StageError
-from stages.student_data import StoreJoin, steps_per_epoch
+from stages.student_data import StoreJoin
 from store.provenance import differences, short
 
+SCHEDULE_UNITS = 1000
+"""lr updates per epoch: the warmup and cosine schedule run on epochs * SCHEDULE_UNITS."""
 Targets = Callable[[Any, torch.Tensor], TeacherTargets | None]
 """(batch, views on the device) -> the teacher's targets for the batch (None without distillation)."""
 
@@ -64,11 +67,19 @@ class Trainer:
     ema: ModelEmaV3 | None
     targets: Targets
     device: torch.device
+    steps: int
+    """Optimiser steps per epoch (the same on every rank)."""
     step: int = 0
 
+    def schedule(self, epoch: float) -> None:
+        """Set the lr for the fractional epoch reached: the schedule is a function of epochs, not of steps,
+        so a run resumed with another global batch (another number of steps) stays on it."""
+        self.sched.step_update(round(epoch * SCHEDULE_UNITS))
 
-def train_one_epoch(cfg: Config, tr: Trainer, loader: Any, steps: int, desc: str, show: bool) -> dict[str, float]:
-    """``steps`` optimiser steps over ``loader``; returns the epoch's mean losses."""
+
+def train_one_epoch(cfg: Config, tr: Trainer, loader: Any, epoch: int, desc: str, show: bool) -> dict[str, float]:
+    """One epoch: ``tr.steps`` optimiser steps over ``loader``; returns the epoch's mean losses."""
+    steps = tr.steps
     sc = cfg.student
     tr.model.train()
     sums = {k: torch.zeros((), dtype=torch.float64, device=tr.device) for k in ("loss", "base", "distill")}
@@ -89,7 +100,7 @@ def train_one_epoch(cfg: Config, tr: Trainer, loader: Any, steps: int, desc: str
                 torch.nn.utils.clip_grad_norm_(tr.model.parameters(), sc.clip_grad)
             tr.opt.step()
             tr.step += 1
-            tr.sched.step_update(tr.step)
+            tr.schedule(epoch + step / steps)
             if tr.ema is not None:
                 tr.ema.update(tr.model, step=tr.step)
             for k, v in (("loss", parts.total), ("base", parts.base), ("distill", parts.distill)):
@@ -114,16 +125,18 @@ def evaluate(models: list[torch.nn.Module], loader: Any, device: torch.device) -
 # --------------------------------------------------------------------------------------------- set-up
 
 
-def run_identity(cfg: Config, manifest: Manifest, world: int, workers: int, mode: str, teacher: str) -> dict[str, Any]:
+def run_identity(cfg: Config, manifest: Manifest, mode: str, teacher: str) -> dict[str, Any]:
     """What a checkpoint must share with this run to be resumed (the teacher's targets included), flat:
-    ``aug.*`` and ``student.*`` are one key per field, so a refusal can name what changed."""
-    student = cfg.student.model_dump(mode="json", exclude={"output", "eval_every", "workers", "teacher_mode"})
+    ``aug.*`` and ``student.*`` are one key per field, so a refusal can name what changed. The number of
+    ranks and workers is not part of it: a run resumes on another one (see student.elastic)."""
+    student = cfg.student.model_dump(mode="json", exclude={"output", "eval_every", "workers", "teacher_mode",
+                                                           "elastic"})
     return {
         "seed": cfg.seed,
         **{f"aug.{k}": v for k, v in cfg.aug.model_dump(mode="json").items()},
         **{f"student.{k}": v for k, v in student.items()},
         "teacher": teacher, "teacher.epochs": cfg.teacher.epochs, "teacher.topk": cfg.teacher.topk,
-        "manifest": manifest.fingerprint, "ranks": world, "workers": workers, "teacher_mode": mode,
+        "manifest": manifest.fingerprint, "teacher_mode": mode,
     }
 
 
@@ -133,12 +146,6 @@ def _changed(stored: dict[str, Any] | None, now: dict[str, Any]) -> str:
     diffs = differences(stored, now, sorted(set(stored) | set(now)))
     return "; ".join(f"{f}: checkpoint {short(s, 40)}, now {short(e, 40)}" for f, s, e in diffs[:6]) + (
         f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else "")
-
-
-def _epoch_units(cfg: Config, n_shards: int, train_epoch: int) -> list[tuple[int, int]]:
-    """The stored epoch that ``train_epoch`` replays, over all shards, in a per-epoch seeded shard order."""
-    order = np.random.default_rng(derive_seed(TAG_SHUFFLE, cfg.seed, train_epoch)).permutation(n_shards)
-    return [(stored_epoch(train_epoch, cfg.teacher.epochs), int(s)) for s in order]
 
 
 def _teacher(cfg: Config, manifest: Manifest, mode: str, dev: torch.device) -> tuple[StoreJoin | None, Targets, str]:
@@ -166,28 +173,45 @@ def _teacher(cfg: Config, manifest: Manifest, mode: str, dev: torch.device) -> t
         teacher_forward(online, x, dev, to_cpu=False), sc.tau, need_soft), teacher_id
 
 
-def _trainer(cfg: Config, env: distributed.DistEnv, manifest: Manifest, steps: list[int], targets: Targets) -> Trainer:
-    sc = cfg.student
+def _trainer(cfg: Config, env: distributed.DistEnv, manifest: Manifest, batch: int, targets: Targets) -> Trainer:
+    """Model (DDP-wrapped on several ranks), AdamW with the lr scaled to the global batch, cosine schedule, EMA."""
+    sc, dev = cfg.student, env.device
     torch.manual_seed(cfg.seed)
     model = create_student(sc, num_classes=manifest.num_classes, img_size=cfg.aug.img_size, in_chans=cfg.aug.channels)
     model.set_distilled_training(True)
-    model.to(env.device)
-    dev = env.device
+    model.to(dev)
     ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if env.world > 1 else model
-    lr = sc.lr * sc.batch_size * env.world / 512
-    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=sc.weight_decay)
+    opt = create_optimizer_v2(model, opt="adamw", lr=sc.lr * batch * env.world / 512, weight_decay=sc.weight_decay)
     sched = CosineLRScheduler(
-        opt, t_initial=sum(steps), lr_min=sc.min_lr, warmup_t=sum(steps[: sc.warmup_epochs]),
+        opt, t_initial=sc.epochs * SCHEDULE_UNITS, lr_min=sc.min_lr, warmup_t=sc.warmup_epochs * SCHEDULE_UNITS,
         warmup_lr_init=sc.warmup_lr, t_in_epochs=False,
     )
     ema = ModelEmaV3(model, decay=sc.ema_decay) if sc.ema else None
-    return Trainer(model, ddp, opt, sched, ema, targets, dev)
+    steps = steps_per_epoch(manifest.count("train"), env.world, batch)
+    if steps == 0:
+        raise StageError(
+            f"a batch of {batch} on each of {env.world} rank(s) leaves no full global batch in an epoch of "
+            f"{manifest.count('train')} samples; lower student.batch_size"
+        )
+    return Trainer(model, ddp, opt, sched, ema, targets, dev, steps)
 
 
-def _resume(tr: Trainer, path: Path, identity: dict[str, Any], rank: int) -> tuple[int, list[dict[str, Any]]]:
+def _batch(cfg: Config, world: int, ckpt: dict[str, Any] | None) -> int:
+    """The per-rank batch: student.batch_size, or on resuming on another number of ranks with
+    ``elastic: keep_global_batch``, the checkpoint's global batch shared by the ranks now."""
+    sc = cfg.student
+    if ckpt is None or sc.elastic == "rescale_lr" or "global_batch" not in ckpt:
+        return sc.batch_size
+    glob = int(ckpt["global_batch"])
+    if glob % world:
+        raise StageError(f"the checkpoint's global batch {glob} cannot be shared by {world} rank(s); resume on a "
+                         "number of ranks that divides it, or set student.elastic: rescale_lr")
+    return glob // world
+
+
+def _resume(tr: Trainer, ckpt: dict[str, Any], path: Path, identity: dict[str, Any], rank: int) -> tuple[int, list]:
     """Load a checkpoint of this very run into ``tr``: (the first epoch to train, the history so far)."""
-    ckpt = load_checkpoint(path)
     if ckpt.get("run_hash") != canonical_hash(identity):
         raise StageError(
             f"{path} is from another configuration ({_changed(ckpt.get('run_identity'), identity)}); "
@@ -195,25 +219,12 @@ def _resume(tr: Trainer, path: Path, identity: dict[str, Any], rank: int) -> tup
         )
     tr.model.load_state_dict(ckpt["model"])
     tr.opt.load_state_dict(ckpt["optimizer"])
-    tr.sched.load_state_dict(ckpt["scheduler"])
     if tr.ema is not None and ckpt.get("ema") is not None:
         tr.ema.load_state_dict(ckpt["ema"])
     tr.step = ckpt["step"]
-    set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    set_rng_state(states[rank % len(states)])  # another number of ranks: the same draws cannot be replayed
     return ckpt["epoch"] + 1, ckpt["history"]
-
-
-def _steps(cfg: Config, manifest: Manifest, world: int, workers: int) -> tuple[list[list[tuple[int, int]]], list[int]]:
-    """Each epoch's units and its optimiser steps (equal on every rank)."""
-    sc, ranges = cfg.student, manifest.ranges("train")
-    units = [_epoch_units(cfg, len(ranges), t) for t in range(sc.epochs)]
-    steps = [steps_per_epoch(ranges, u, world, workers, sc.batch_size) for u in units]
-    if min(steps) == 0:
-        raise StageError(
-            f"student.batch_size {sc.batch_size} x {world} rank(s) x {max(workers, 1)} worker(s) leaves no full "
-            f"batch in an epoch of {manifest.count('train')} samples; lower the batch size or the workers"
-        )
-    return units, steps
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -247,36 +258,38 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
     mode, workers = teacher_mode or sc.teacher_mode, sc.workers if workers is None else workers
     manifest = open_shards(cfg)
     join, targets, teacher_id = _teacher(cfg, manifest, mode, env.device)
-    epoch_units, steps = _steps(cfg, manifest, env.world, workers)
-    tr = _trainer(cfg, env, manifest, steps, targets)
-    identity = run_identity(cfg, manifest, env.world, workers, mode, teacher_id)
-    start, history = 0, []
-    if checkpoint_path(out).is_file() and not restart:
-        start, history = _resume(tr, checkpoint_path(out), identity, env.rank)
-        if env.is_main:
-            print(f"student: resuming {checkpoint_path(out)} after epoch {start}")
+    identity = run_identity(cfg, manifest, mode, teacher_id)
+    ckpt = load_checkpoint(checkpoint_path(out)) if checkpoint_path(out).is_file() and not restart else None
+    batch = _batch(cfg, env.world, ckpt)
+    tr = _trainer(cfg, env, manifest, batch, targets)
+    start, history = _resume(tr, ckpt, checkpoint_path(out), identity, env.rank) if ckpt is not None else (0, [])
+    if env.is_main and ckpt is not None:
+        print(f"student: resuming {checkpoint_path(out)} after epoch {start} on {env.world} rank(s) x {batch}")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    train, loader = train_stream(manifest, cfg.aug, cfg.seed, batch_size=batch, rank=env.rank, world=env.world,
+                                 view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
+                                 shuffle=sc.shuffle, workers=workers, join=join)
     val_loader = make_loader(val_dataset(manifest, cfg.aug, cfg.seed), cfg.evaluate.batch_size, workers)
+    tr.schedule(start)
     for epoch in range(start, sc.epochs if until_epoch is None else min(sc.epochs, until_epoch)):
-        ds = ReplayDataset(manifest, cfg.aug, cfg.seed, epoch_units[epoch], rank=env.rank, world=env.world,
-                           shuffle=sc.shuffle, join=join, order_epoch=epoch)
+        train.set_epoch(epoch)
         t0 = time.perf_counter()
         desc = f"student[{sc.distillation}] epoch {epoch + 1}/{sc.epochs}"
-        row: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(
-            cfg, tr, make_loader(ds, sc.batch_size, workers, drop_last=True), steps[epoch], desc,
-            progress and env.is_main)}
+        row: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(cfg, tr, loader, epoch, desc,
+                                                                      progress and env.is_main)}
         row["lr"] = tr.opt.param_groups[0]["lr"]
-        row["im_per_s"] = steps[epoch] * sc.batch_size * env.world / (time.perf_counter() - t0)
+        row["im_per_s"] = tr.steps * batch * env.world / (time.perf_counter() - t0)
         if ((epoch + 1) % sc.eval_every == 0 or epoch + 1 == sc.epochs) and env.is_main:
             row.update(evaluate([tr.model] if tr.ema is None else [tr.model, tr.ema.module], val_loader, env.device))
         history.append(row)
-        _end_of_epoch(cfg, env, tr, out, epoch, identity, history, mode, manifest.num_classes)
+        _end_of_epoch(cfg, env, tr, out, epoch, identity, history, mode, manifest.num_classes, batch)
     return out
 
 
 def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, out: Path, epoch: int,
-                  identity: dict[str, Any], history: list[dict[str, Any]], mode: str, num_classes: int) -> None:
+                  identity: dict[str, Any], history: list[dict[str, Any]], mode: str, num_classes: int,
+                  batch: int) -> None:
     """Log the epoch, write the checkpoint (every rank's RNG state in it) and the metrics, then wait for all."""
     rng_states = _gather_rng(env)
     if env.is_main:
@@ -288,8 +301,9 @@ def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, out: Path,
         tqdm.write(f"student[{cfg.student.distillation}] {msg}")
         save_checkpoint(out, {
             "run_hash": canonical_hash(identity), "run_identity": identity, "epoch": epoch, "step": tr.step,
-            "model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(), "scheduler": tr.sched.state_dict(),
+            "model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(),
             "ema": tr.ema.state_dict() if tr.ema is not None else None, "rng": rng_states, "history": history,
+            "world": env.world, "batch_size": batch, "global_batch": batch * env.world,
             "student": cfg.student.model_dump(mode="json"), "num_classes": num_classes,
             "img_size": cfg.aug.img_size, "in_chans": cfg.aug.channels,
         })

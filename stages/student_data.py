@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 import store
-from pipeline.loading import loader_batches
 from pipeline.plan import EpochPlan, check_plan
 from pipeline.replay import ReplaySample
 from stages.common import StageError
@@ -66,10 +65,3 @@ class StoreJoin:
             )
 
         return attach
-
-
-def steps_per_epoch(ranges: list[tuple[int, int]], units: list[tuple[int, int]], world: int, workers: int,
-                    batch_size: int) -> int:
-    """Full batches every rank can make this epoch (drop_last per worker); all ranks step this many times."""
-    return min(loader_batches(ranges, units, batch_size, workers, rank=r, world=world, drop_last=True)
-               for r in range(world))

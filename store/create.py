@@ -84,13 +84,22 @@ def _ensure_arrays(root: zarr.Group, spec: StoreSpec) -> bool:
     return created
 
 
+def _foreign(root: Path) -> bool:
+    """A folder that holds files but no store: not ours to write into. (Another writer creating the store at this
+    moment has at most its temporary file there before ``zarr.json`` appears.)"""
+    if not root.is_dir():
+        return False
+    entries = [e for e in root.iterdir() if not (e.name.startswith(".") and e.name.endswith((".tmp", ".partial")))]
+    return bool(entries) and not (root / "zarr.json").exists()
+
+
 def create_store(path: str | Path, spec: StoreSpec, provenance: dict[str, Any],
                  storage_options: dict[str, Any] | None = None) -> zarr.Group:
     """Create the store, or reopen it (mode "r+") for a resumed run of the same spec and provenance."""
     validate_spec(spec)
     prov = normalize(provenance)
     objs = objects_at(path, storage_options)
-    if objs.local and objs.get("zarr.json") is None and Path(objs.root).is_dir() and any(Path(objs.root).iterdir()):
+    if objs.local and _foreign(Path(objs.root)):
         raise StoreError(f"{path}: a non-empty directory that is not a Zarr store; refusing to write into it")
     meta = {"zarr_format": 3, "node_type": "group",
             "attributes": {"format": FORMAT, "spec": spec.to_dict(), "provenance": prov}}

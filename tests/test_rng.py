@@ -117,7 +117,7 @@ def test_a_window_of_views_equals_each_view_on_its_own():
     aug = AugConfig.model_validate({"img_size": 16, "reprob": 1.0})
     transform = train_transform(aug)
     images = [_image() for _ in range(6)]
-    together = base_views(transform, images, 4, 1, 30, len(images))
+    together = base_views(transform, images, 4, 1, range(30, 30 + len(images)))
     alone = [base_view(transform, img, 4, 1, 30 + j) for j, img in enumerate(images)]
     assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
 
@@ -154,7 +154,7 @@ def test_replayed_views_are_distributed_like_timm_on_global_rngs():
     images = [_image(24)] * 1500
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     plain = torch.stack([transform(img) for img in images])
-    replay = torch.stack(base_views(transform, images, 0, 0, 0, len(images)))
+    replay = torch.stack(base_views(transform, images, 0, 0, range(len(images))))
     crit = 1.63 * np.sqrt(2 / len(images))  # KS at the 1% level
     stats = (
         lambda v: v.mean((1, 2, 3)),
