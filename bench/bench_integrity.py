@@ -48,53 +48,63 @@ from stages import student, teacher
 READER_TARGET, SHARD_TARGET = 0.95, 0.98
 
 
+PREVIOUS = {  # the store before the checks (format 1): every array chunked per unit, zstd, nothing recorded
+    "topk_logits": "f2", "topk_classes": "u2", "hard_label": "u2", "logsumexp": "f4", "partner": "i4", "lam": "f4",
+    "kind": "u1",
+}
+
+
 def synth_targets(rng: np.random.Generator, n: int, c: int, k: int, e: int) -> list[dict[str, np.ndarray]]:
     out, labels = [], rng.integers(0, c, n)  # a sample's label is the same in every stored epoch
     for _ in range(e):
         logits = (rng.normal(size=(n, c)) * 3).astype(np.float32)
         tl, tc, hl, lse = store.topk_from_logits(logits, k)
         out.append({"topk_logits": tl, "topk_classes": tc, "hard_label": hl, "logsumexp": lse,
-                    "partner": np.arange(n)[::-1] % n, "lam": rng.random(n).astype(np.float32),
-                    "kind": rng.integers(0, 3, n).astype(np.uint8), "label": labels})
+                    "partner": (np.arange(n) // 8 * 8 + (np.arange(n) + 1) % 8) % n,
+                    "lam": rng.random(n).astype(np.float32), "kind": rng.integers(0, 3, n).astype(np.uint8),
+                    "label": labels})
     return out
 
 
 def write_both(tmp: Path, c: int, k: int, data: list[dict[str, np.ndarray]], shard: int) -> tuple:
-    """The checked store and an unchecked twin (zstd only, no records) holding the same arrays."""
+    """This project's store (packed once complete) and the previous format holding the same targets."""
     n = len(data[0]["label"])
     ranges = tuple((a, min(a + shard, n)) for a in range(0, n, shard))
     spec = store.StoreSpec(num_classes=c, epochs=len(data), topk=k, train_ranges=ranges, val_ranges=())
     checked = store.create_store(tmp / f"checked-{c}.zarr", spec, {"teacher": "synthetic"})
     plain = zarr.open_group(tmp / f"plain-{c}.zarr", mode="w")
-    for name, (shape, chunks, dtype) in store.array_layout(spec).items():
-        if name.startswith("train/"):
-            plain.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=[ZstdCodec(level=3)])
+    for name, dtype in PREVIOUS.items():
+        shape, chunks = ((len(data), n, k), (1, shard, k)) if name.startswith("topk") else ((len(data), n), (1, shard))
+        plain.create_array(f"train/{name}", shape=shape, chunks=chunks, dtype=dtype, compressors=[ZstdCodec(level=3)])
+    plain.create_array("train/label", shape=(n,), chunks=(shard,), dtype="u2", compressors=[ZstdCodec(level=3)])
     for e, d in enumerate(data):
         for s, (a, b) in enumerate(ranges):
             unit = {name: v[a:b] for name, v in d.items()}
-            store.write_train_unit(checked, e, s, **unit)
-            for name, v in unit.items():
-                if name == "label":
-                    plain["train/label"][a:b] = v
-                else:
-                    plain[f"train/{name}"][e, a:b] = v.astype(plain[f"train/{name}"].dtype)
+            store.write_train_unit(checked, e, s, topk_logits=unit["topk_logits"], topk_classes=unit["topk_classes"],
+                                   logsumexp=unit["logsumexp"], label=unit["label"],
+                                   plan=(unit["partner"], unit["kind"], unit["lam"]))
+            for name in PREVIOUS:
+                plain[f"train/{name}"][e, a:b] = unit[name].astype(PREVIOUS[name])
+            plain["train/label"][a:b] = unit["label"]
+        store.pack_epoch(checked, e)
     zarr.consolidate_metadata(tmp / f"plain-{c}.zarr")  # as the checked store: array lookups from memory
     return store.open_store(tmp / f"checked-{c}.zarr"), zarr.open_group(tmp / f"plain-{c}.zarr", mode="r"), spec
 
 
 def read_all(group, spec, how: str) -> int:
-    """Read every unit: ``checked`` (the store's reader), ``concurrent`` (the same concurrent fetch, nothing
-    checked) or ``previous`` (the reader before the checks: one synchronous read per array)."""
+    """Read every unit: ``checked`` (the store's reader), ``concurrent`` (the previous format's arrays fetched
+    as the store's reader fetches, nothing checked) or ``previous`` (the reader before the checks: one
+    synchronous read per array)."""
     rows = 0
     for e in range(spec.epochs):
         for s, (a, b) in enumerate(spec.train_ranges):
             if how == "checked":
                 store.read_train_unit(group, e, s)
             elif how == "concurrent":
-                reads = {n: (f"train/{n}", (e, slice(a, b))) for n in store.reader.TRAIN_ARRAYS}
+                reads = {n: (f"train/{n}", (e, slice(a, b))) for n in PREVIOUS}
                 store.reader._read(group, {**reads, "label": ("train/label", slice(a, b))}, "")
             else:
-                for name in store.reader.TRAIN_ARRAYS:
+                for name in PREVIOUS:
                     group[f"train/{name}"][e, a:b]
                 group["train/label"][a:b]
             rows += b - a

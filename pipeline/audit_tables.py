@@ -19,10 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import store
+from pipeline.config import AugConfig
+from pipeline.plan import epoch_plan
 from pipeline.shards import sample_key
 
 __all__ = [
     "SUSPECT_COLUMNS",
+    "store_plans",
     "AuditTables",
     "audit_frames",
     "confused_pairs",
@@ -31,6 +35,19 @@ __all__ = [
     "per_epoch",
     "suspects",
 ]
+
+
+def store_plans(group: Any) -> Any:
+    """The mix plan of every unit of a logit store, re-derived from the augmentation and seed in its
+    provenance (the store keeps each plan's digest, and ``store.train_frame`` checks it)."""
+    prov = group.attrs["provenance"]
+    aug, seed, spec = AugConfig.model_validate(prov["aug"]), int(prov["seed"]), store.spec_of(group)
+
+    def plans(epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p = epoch_plan(aug, seed, epoch, shard, *spec.train_ranges[shard])
+        return p.partner, p.kind, p.lam
+
+    return plans
 
 
 def _rate(num: pd.Series | float, den: pd.Series | float) -> Any:

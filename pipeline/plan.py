@@ -10,7 +10,6 @@ targets and re-derived by the student, and the two must agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from pipeline.config import AugConfig
 from pipeline.errors import DistillError
 from pipeline.rng import TAG_PLAN, derive_seed
 from store.layout import KIND_CUTMIX, KIND_MIXUP, KIND_NAMES, KIND_NONE
+from store.records import plan_digest
 
 __all__ = ["EVAL_EPOCH", "KIND_CUTMIX", "KIND_MIXUP", "KIND_NAMES", "KIND_NONE", "EpochPlan", "PlanMismatch",
            "check_plan", "epoch_plan", "soft_target", "stored_epoch"]
@@ -114,23 +114,15 @@ def soft_target(
     return target.astype(np.float32)
 
 
-class _StoredPlan(Protocol):
-    partner: np.ndarray
-    kind: np.ndarray
-    lam: np.ndarray
-
-
-def check_plan(where: str, stored: _StoredPlan, plan: EpochPlan) -> None:
-    """Refuse stored rows whose (partner, kind, λ) differ from the plan being replayed: training on targets
-    that describe other images would fail silently, so it fails loudly instead. ``where`` names the store."""
-    bad = (stored.partner != plan.partner) | (stored.kind != plan.kind) | (stored.lam != plan.lam)
-    if not bad.any():
+def check_plan(where: str, stored: str | None, plan: EpochPlan) -> None:
+    """Refuse stored targets written for another mix plan than the one being replayed (``stored`` is the
+    digest the teacher stage recorded): training on targets that describe other images would fail silently,
+    so it fails loudly instead. ``where`` names the store."""
+    if stored is None or stored == plan_digest(plan.partner, plan.kind, plan.lam):
         return
-    i = int(np.flatnonzero(bad)[0])
+    mixed = int((plan.kind != KIND_NONE).sum())
     raise PlanMismatch(
         f"logit store {where}: unit (epoch {plan.epoch}, shard {plan.shard}) was written with another mix plan "
-        f"({int(bad.sum())} of {len(bad)} samples differ). First at index {plan.start + i}: stored partner "
-        f"{int(stored.partner[i])}, {KIND_NAMES[int(stored.kind[i])]}, lam {float(stored.lam[i]):.6g}; replayed "
-        f"partner {int(plan.partner[i])}, {KIND_NAMES[int(plan.kind[i])]}, lam {float(plan.lam[i]):.6g}. "
-        "Refusing to train on misaligned targets: re-run `distill teacher` for this config."
+        f"than the one replayed now ({mixed} of {len(plan)} samples mixed in the replayed plan; the stored plan's "
+        "digest differs). Refusing to train on misaligned targets: re-run `distill teacher` for this config."
     )

@@ -64,7 +64,7 @@ _TO_UNIT = 2.0**-53
 
 def derive_seed(tag: int, *words: int) -> int:
     """A 63-bit seed that is a pure, platform-independent function of its integer arguments."""
-    packed = struct.pack(f"<{len(words) + 1}Q", tag, *(w & _MASK for w in words))
+    packed = struct.pack(f"<{len(words) + 1}Q", tag, *(int(w) & _MASK for w in words))
     return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import store
-from pipeline.audit_tables import audit_frames
+from pipeline.audit_tables import audit_frames, store_plans
 from pipeline.config import Config
 from pipeline.shards import MANIFEST_NAME, open_shards, shard_name
 from stages.audit_report import write_report
@@ -62,7 +62,7 @@ def run(
         val_files = [shard_name("val", s) for s in range(spec.n_val_shards)]
     if epochs is not None and any(not 0 <= e < spec.epochs for e in epochs):
         raise store.StoreError(f"audit --epoch {sorted(epochs)}: {cfg.store.path} holds epochs 0..{spec.epochs - 1}")
-    train = store.train_frame(group, classes=names, epochs=epochs)  # all epochs: one row per stored view
+    train = store.train_frame(group, store_plans(group), classes=names, epochs=epochs)  # one row per stored view
     val_note = "the store has no val split"
     try:
         val = store.val_frame(group, classes=names) if spec.n_val else None

@@ -48,7 +48,7 @@ class StoreJoin:
         if self._group is None:
             self._group = store.open_store(self.path)
         unit = store.read_train_unit(self._group, plan.epoch, plan.shard)
-        check_plan(self.path, unit, plan)
+        check_plan(self.path, unit.plan, plan)
         classes = unit.topk_classes.astype(np.int64)
         start = plan.start
 

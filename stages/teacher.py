@@ -24,7 +24,7 @@ from pipeline.models import load_teacher, resolve_teacher, teacher_forward
 from pipeline.progress import progress_bar
 from pipeline.run_store import store_provenance, store_spec
 from pipeline.shards import Manifest, open_shards
-from stages.teacher_units import Collector, Unit, check_done, log_unit, pending
+from stages.teacher_units import Collector, Unit, check_done, log_unit, pack_ready, pending
 
 
 def _images(manifest: Manifest, units: list[Unit]) -> int:
@@ -66,18 +66,22 @@ def _compute(cfg: Config, model, device: torch.device, group, manifest: Manifest
 
 def _fill(cfg: Config, model, env: distributed.DistEnv, group, manifest: Manifest, claims: store.Claims,
           batch_size: int, workers: int, progress: bool) -> int:
-    """Claim, compute and write units until none is left without a record; returns the units this process wrote.
-    Units other processes hold are waited for: their claims either end in a record or expire."""
+    """Claim, compute and write units until none is left without a record, packing every stored epoch as it
+    completes; returns the units this process wrote. Units and epochs other processes hold are waited for:
+    their claims either end in a record or expire."""
     spec, objs = store.spec_of(group), store.objects_of(group)
     todo = pending(group, spec)
     wave_size, written = 2 * max(workers, 1), 0
     with progress_bar(_images(manifest, todo), f"teacher {cfg.teacher.model}", "im", progress) as bar:
-        while todo:
-            wave = _claim_wave(claims, objs, todo, wave_size, env.rank * len(todo) // env.world)
+        while True:
+            packed = pack_ready(group, claims)
+            if not todo and not store.unpacked_complete(group):
+                break
+            wave = _claim_wave(claims, objs, todo, wave_size, env.rank * len(todo) // env.world) if todo else []
             if wave:
                 _compute(cfg, model, env.device, group, manifest, wave, claims, batch_size, workers, bar)
                 written += len(wave)
-            else:  # everything left is another process's, for now
+            elif not packed:  # everything left is another process's, for now
                 time.sleep(min(2.0, claims.ttl / 4))
             todo = pending(group, spec)
     return written
@@ -110,6 +114,7 @@ def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, p
     path = cfg.store.path
     group = store.create_store(path, store_spec(cfg, manifest), store_provenance(cfg, manifest, sha))
     spec = store.spec_of(group)
+    store.tidy(group)
     check_done(group, spec, env.rank, env.world, progress)
     done = int(store.done_mask(group).sum() + store.val_done_mask(group).sum())
     if env.is_main and done:

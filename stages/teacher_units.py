@@ -88,18 +88,14 @@ class Collector:
     def _write(self, epoch: int, shard: int, buf: _UnitBuffer) -> None:
         epoch = epoch if self.split == "train" else 0  # evaluation views carry EVAL_EPOCH; val units are epoch 0
         try:
-            topk_logits, topk_classes, hard, lse = store.topk_from_logits(buf.logits, self.k)
+            topk_logits, topk_classes, _, lse = store.topk_from_logits(buf.logits, self.k)
         except ValueError as e:  # NaN/inf logits
             raise StageError(f"teacher output for {self.split} unit (epoch {epoch}, shard {shard}): {e}; "
                              "check the teacher checkpoint and the normalisation (aug.mean/std)") from e
-        targets = dict(
-            topk_logits=topk_logits, topk_classes=topk_classes, hard_label=hard, logsumexp=lse, label=buf.label
-        )
+        targets = dict(topk_logits=topk_logits, topk_classes=topk_classes, logsumexp=lse, label=buf.label)
         try:
             if self.split == "train":
-                store.write_train_unit(
-                    self.group, epoch, shard, partner=buf.partner, lam=buf.lam, kind=buf.kind, **targets
-                )
+                store.write_train_unit(self.group, epoch, shard, plan=(buf.partner, buf.kind, buf.lam), **targets)
             else:
                 store.write_val_unit(self.group, shard, **targets)
         except OSError as e:  # disk full, permission denied, a read-only store
@@ -123,20 +119,41 @@ def pending(group, spec: store.StoreSpec) -> list[Unit]:
 
 
 def check_done(group, spec: store.StoreSpec, rank: int, world: int, progress: bool) -> list[Unit]:
-    """Read back every done unit (this rank's share) and drop the record of each damaged one, so it is
-    computed again; returns the damaged units."""
+    """Read back every done unit (this rank's share) and make each damaged one not done, so it is computed
+    again: a staged unit loses its record; a packed epoch goes back to staged units, all but the damaged;
+    returns the damaged units."""
     done, vdone = store.done_mask(group), store.val_done_mask(group)
     units = [("train", int(e), int(s)) for e, s in np.argwhere(done)]
     units += [("val", 0, int(s)) for s in np.flatnonzero(vdone)]
     mine, damaged = units[rank::world], []
-    objs = store.objects_of(group)
     with progress_bar(len(mine), "teacher: checking done units", "unit", progress and len(mine) > 0) as bar:
         for split, e, s in mine:
             try:
                 store.read_train_unit(group, e, s) if split == "train" else store.read_val_unit(group, s)
             except store.DamagedUnit as err:
                 print(f"teacher: {err}; computing it again")
-                store.delete_record(objs, split, e, s)
                 damaged.append((split, e, s))
             bar.update(1)
+    objs, packed = store.objects_of(group), store.packed_epochs(group)
+    for split, e, s in damaged:
+        if split == "train" and e in packed:
+            store.unpack_epoch(group, e, {d for sp, ep, d in damaged if sp == "train" and ep == e})
+            packed.discard(e)
+        store.delete_record(objs, split, e, s)
     return damaged
+
+
+def pack_ready(group, claims: store.Claims) -> int:
+    """Pack every stored epoch that is complete and whose packing this process can claim; returns how many."""
+    n = 0
+    for epoch in store.unpacked_complete(group):
+        if not claims.try_claim("pack", epoch, 0):
+            continue
+        try:
+            if epoch in store.unpacked_complete(group):  # not packed by the claim's last holder meanwhile
+                store.pack_epoch(group, epoch)
+                log_unit(claims.owner, ("pack", epoch, 0), "packed")
+                n += 1
+        finally:
+            claims.release("pack", epoch, 0)
+    return n

@@ -99,7 +99,7 @@ def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", 
         order = sorted(views)
         logits = teacher_forward(model, torch.stack([views[i] for i in order]), dev).numpy()
         unit = store.read_train_unit(group, e, s)
-        check_plan(str(cfg.store.path), unit, plan)
+        check_plan(str(cfg.store.path), unit.plan, plan)
         rows = np.array(order) - ranges[s][0]
         agree += int((logits.argmax(1) == unit.hard_label[rows]).sum())
         recomputed = np.take_along_axis(logits, unit.topk_classes[rows].astype(np.int64), axis=1)

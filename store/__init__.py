@@ -18,10 +18,11 @@ from store.layout import (
     KIND_NONE,
     StoreSpec,
     array_layout,
+    finished_objects,
     spec_of,
-    stored_bytes,
 )
-from store.objects import Objects, objects_at, objects_of
+from store.objects import Objects, object_stats, objects_at, objects_of
+from store.pack import pack_epoch, tidy, unpack_epoch, unpacked_complete
 from store.provenance import IDENTITY_FIELDS, ProvenanceMismatch, StoreError
 from store.reader import (
     DamagedUnit,
@@ -29,16 +30,23 @@ from store.reader import (
     TrainUnit,
     ValUnit,
     done_mask,
+    packed_epochs,
     read_train_unit,
     read_val,
     read_val_unit,
     val_done_mask,
 )
-from store.records import delete_record, read_record
+from store.records import delete_record, plan_digest, read_record
 from store.targets import dense_soft_target, stored_probs, tail_mass, topk_from_logits
 from store.writer import write_train_unit, write_val_unit
 
 __all__ = [
+    "pack_epoch",
+    "packed_epochs",
+    "plan_digest",
+    "tidy",
+    "unpack_epoch",
+    "unpacked_complete",
     "CODECS",
     "FORMAT",
     "IDENTITY_FIELDS",
@@ -70,7 +78,8 @@ __all__ = [
     "read_val",
     "read_val_unit",
     "spec_of",
-    "stored_bytes",
+    "finished_objects",
+    "object_stats",
     "stored_probs",
     "tail_mass",
     "topk_from_logits",

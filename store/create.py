@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from store.layout import FORMAT, StoreSpec, array_layout, compressors_for, no_data, validate_spec
+from store.layout import FORMAT, StoreSpec, array_layout, codecs_for, no_data, validate_spec
 from store.objects import objects_at
 from store.provenance import IDENTITY_FIELDS, StoreError, check_identity, differences, mismatch_error, normalize
 
@@ -67,19 +67,18 @@ def _check_attrs(path: str | Path, attrs: dict[str, Any], spec: StoreSpec, prov:
 def _ensure_arrays(root: zarr.Group, spec: StoreSpec) -> bool:
     """Create missing arrays (a creation cut short, or racing with another writer's); check existing ones."""
     created = False
-    comp = compressors_for(spec.codec, spec.level)
-    for name, (shape, chunks, dtype) in array_layout(spec).items():
+    for name, a in array_layout(spec).items():
         try:
-            root.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=comp,
-                              fill_value=no_data(dtype))
+            root.create_array(name, shape=a.shape, chunks=a.chunks, shards=a.shards, dtype=a.dtype,
+                              fill_value=no_data(a.dtype), **codecs_for(spec.codec, spec.level, a.holds, a.dtype))
             created = True
             continue
         except (ContainsArrayError, ContainsGroupError):
             arr = root[name]
-        if tuple(arr.shape) != shape or tuple(arr.chunks) != chunks or np.dtype(arr.dtype) != dtype:
+        if tuple(arr.shape) != a.shape or tuple(arr.chunks) != a.chunks or np.dtype(arr.dtype) != a.dtype:
             raise StoreError(
                 f"{root.store}: array {name} has shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}; "
-                f"the spec needs {shape}, {chunks}, {dtype}"
+                f"the spec needs {a.shape}, {a.chunks}, {a.dtype}"
             )
     return created
 

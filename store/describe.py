@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from store.create import open_store
-from store.layout import array_layout, spec_of, stored_bytes
-from store.reader import done_mask, val_done_mask
+from store.layout import array_layout, spec_of
+from store.objects import object_stats
+from store.reader import done_mask, packed_epochs, val_done_mask
 
 
 def _human(n: int) -> str:
@@ -45,14 +46,16 @@ def describe(path: str | Path) -> str:
         lines.append(
             "partial epochs: " + ", ".join(f"{e} ({int(done[e].sum())}/{done.shape[1]})" for e in partial)
         )
-    nbytes = stored_bytes(root)
+    objects, nbytes = object_stats(root)
     sizes = np.array([b - a for a, b in spec.train_ranges])
     rows = max(int((done * sizes).sum()), 1)
-    lines.append(f"bytes on disk: {nbytes} ({_human(nbytes)}); ~{nbytes / rows:.1f} per done (sample, epoch)")
+    lines.append(f"objects: {objects}; bytes on disk: {nbytes} ({_human(nbytes)}); ~{nbytes / rows:.1f} per done "
+                 f"(sample, epoch); packed epochs: {len(packed_epochs(root))}/{spec.epochs}")
     lines.append(f"codec: {spec.codec} level {spec.level}")
     lines.append("arrays:")
-    for name, (shape, chunks, dtype) in array_layout(spec).items():
-        lines.append(f"  {name:<20} shape={shape} chunks={chunks} dtype={dtype}")
+    for name, a in array_layout(spec).items():
+        shards = f" shards={a.shards}" if a.shards else ""
+        lines.append(f"  {name:<24} shape={a.shape} chunks={a.chunks}{shards} dtype={a.dtype}")
     lines.append("provenance:")
     for key, value in sorted(attrs.get("provenance", {}).items()):
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)

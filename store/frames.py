@@ -17,14 +17,16 @@ row is exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import zarr
 
 from store.layout import KIND_NAMES, KIND_NONE, spec_of
+from store.provenance import StoreError
 from store.reader import done_mask, read_train_unit, read_val
+from store.records import plan_digest
 from store.targets import stored_probs, tail_mass
 
 __all__ = ["train_frame", "val_frame"]
@@ -80,10 +82,35 @@ def _add_names(df: pd.DataFrame, names: list[str] | None) -> pd.DataFrame:
     return df
 
 
+Plans = Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""(stored epoch, shard) -> the unit's mix plan (partner, kind, λ): the store keeps only its digest."""
+
+
+def _unit_columns(u, plans: Plans, num_classes: int) -> dict[str, np.ndarray]:
+    """A train unit's rows, with its mix plan (checked against the digest stored with the unit)."""
+    e, s, n = u.epoch, u.shard, u.end - u.start
+    partner, kind, lam = plans(e, s)
+    if u.plan is not None and plan_digest(partner, kind, lam) != u.plan:
+        raise StoreError(f"train_frame: the plan given for unit (epoch {e}, shard {s}) is not the one stored")
+    return {
+        "epoch": np.full(n, e, dtype=np.int32),
+        "index": np.arange(u.start, u.end, dtype=np.int64),
+        "shard": np.full(n, s, dtype=np.int32),
+        "label": u.label.astype(np.int64),
+        **_teacher_columns(u.topk_logits, u.topk_classes, u.logsumexp, u.label, num_classes),
+        "kind": np.asarray(kind).astype(np.int8),
+        "partner": np.asarray(partner).astype(np.int64),
+        "lam": np.asarray(lam).astype(np.float32),
+    }
+
+
 def train_frame(
-    group: zarr.Group, epochs: Sequence[int] | None = None, *, classes: Sequence[str] | None = None
+    group: zarr.Group, plans: Plans, epochs: Sequence[int] | None = None, *, classes: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """One row per stored (epoch, index) over the done units of ``epochs`` (all stored epochs if None).
+
+    ``plans`` gives each unit's mix plan (the store keeps its digest, and a plan that does not match it is
+    refused); ``pipeline.audit_tables.store_plans`` derives it from the store's provenance.
 
     Columns: epoch, index, shard, label, teacher (top-1 class, = hard_label), p_teacher, p_label,
     label_in_topk, margin (p1 - p2, NaN when k = 1), kind (categorical none/mixup/cutmix), partner
@@ -106,18 +133,7 @@ def train_frame(
 
     parts: dict[str, list[np.ndarray]] = {}
     for u in units:
-        e, s, n = u.epoch, u.shard, u.end - u.start
-        block = {
-            "epoch": np.full(n, e, dtype=np.int32),
-            "index": np.arange(u.start, u.end, dtype=np.int64),
-            "shard": np.full(n, s, dtype=np.int32),
-            "label": u.label.astype(np.int64),
-            **_teacher_columns(u.topk_logits, u.topk_classes, u.logsumexp, u.label, spec.num_classes),
-            "kind": u.kind.astype(np.int8),
-            "partner": u.partner.astype(np.int64),
-            "lam": u.lam.astype(np.float32),
-        }
-        for k, v in block.items():
+        for k, v in _unit_columns(u, plans, spec.num_classes).items():
             parts.setdefault(k, []).append(v)
     empty = {
         "epoch": np.int32, "index": np.int64, "shard": np.int32, "label": np.int64, "teacher": np.int64,

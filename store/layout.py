@@ -1,7 +1,10 @@
 """The Zarr v3 layout of the logit store: its spec, arrays, chunks, codecs and fill values.
 
 One chunk is one (epoch, shard) unit, so writers (ranks, workers, independent processes) each own
-whole chunks and never race on a shared one. Every chunk carries a CRC32C after its compressor, so a
+whole chunks and never race on a shared one. Units are written to ``stage/``; a stored epoch whose
+units are all done is packed by one writer into ``train/`` (one object per array and epoch), so a
+finished ImageNet store at E = 300 is about a thousand objects, and a reader fetches a unit's bytes
+by range. Every chunk carries a CRC32C after its compressor, so a
 damaged chunk is refused by zarr when it is decoded; fill values are values the teacher never writes
 (NaN, the largest integer of the dtype, -1), so a chunk that went missing cannot pass for data. A
 unit's done mark is its record (:mod:`store.records`), written after its arrays.
@@ -9,17 +12,23 @@ unit's done mark is its record (:mod:`store.records`), written after its arrays.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec
+from zarr.codecs.numcodecs import Delta
 
 from store.provenance import StoreError, normalize
 
-FORMAT = 2
-"""1: done flags in zarr arrays, no checksums. 2: CRC32C per chunk, done records with per-array digests."""
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+# the logits' Delta filter is numcodecs' (zarr-python reads it; the warning would repeat on every open)
+
+FORMAT = 3
+"""1: done flags in zarr arrays, no checksums. 2: CRC32C per chunk, done records with per-array digests.
+3: staged units packed per stored epoch; logits delta-coded; no hard_label or mix-plan arrays (derived)."""
 KIND_NONE, KIND_MIXUP, KIND_CUTMIX = 0, 1, 2
 KIND_NAMES: tuple[str, ...] = ("none", "mixup", "cutmix")
 """Names of the stored ``kind`` codes (KIND_NONE, KIND_MIXUP, KIND_CUTMIX)."""
@@ -137,17 +146,35 @@ def validate_spec(spec: StoreSpec) -> None:
     _check_ranges("val_ranges", spec.val_ranges, allow_empty=True)
 
 
-def compressors_for(codec: str, level: int) -> list[Any]:
-    """The zarr v3 bytes-to-bytes chain for a codec name: the compressor (none for "none"), then a CRC32C."""
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store: shape, chunks, dtype, zarr shards (packed arrays only), and what it holds."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    shards: tuple[int, ...] | None = None
+    holds: str = "values"
+    """"logits" (float16 bits, delta-coded along a sorted row), "classes" (small integers), "values"."""
+
+
+def codecs_for(codec: str, level: int, holds: str, dtype: np.dtype) -> dict[str, list[Any]]:
+    """zarr v3 ``filters`` and ``compressors`` for an array: what it holds picks the shuffle (bytes for floats,
+    bits for class ids) and, for the sorted float16 logits, a delta filter on their bits; a CRC32C ends every
+    chain, so zarr refuses a damaged chunk when it decodes it."""
+    filters = [Delta(dtype=np.dtype(dtype).str)] if holds == "logits" else []
+    shuffle = "bitshuffle" if holds == "classes" else "shuffle"
     if codec == "zstd":
-        return [ZstdCodec(level=level), Crc32cCodec()]
-    if codec == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=level, shuffle="shuffle"), Crc32cCodec()]
-    if codec == "gzip":
-        return [GzipCodec(level=level), Crc32cCodec()]
-    if codec == "none":
-        return [Crc32cCodec()]
-    raise ValueError(f"unknown codec {codec!r}; expected one of {list(CODECS)}")
+        comp: list[Any] = [BloscCodec(cname="zstd", clevel=level, shuffle=shuffle)]
+    elif codec == "blosc-lz4":
+        comp = [BloscCodec(cname="lz4", clevel=level, shuffle=shuffle)]
+    elif codec == "gzip":
+        comp = [GzipCodec(level=level)]
+    elif codec == "none":
+        comp = []
+    else:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {list(CODECS)}")
+    return {"filters": filters, "compressors": [*comp, Crc32cCodec()]}
 
 
 def no_data(dtype: np.dtype) -> Any:
@@ -158,27 +185,38 @@ def no_data(dtype: np.dtype) -> Any:
     return int(np.iinfo(dtype).max) if dtype.kind == "u" else -1
 
 
-def array_layout(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]]:
-    """name -> (shape, chunks, dtype) for every array of the store (fill values: :func:`no_data`)."""
-    E, N, k, s = spec.epochs, spec.n_train, spec.k, spec.shard_size
+STAGE = "stage"
+"""Where the teacher stage writes train units, one chunk each; a finished stored epoch is packed into
+``train/``, one object per array and epoch (zarr's sharding), and its staged chunks go."""
+TRAIN_TARGETS = ("topk_logits", "topk_classes", "logsumexp")
+"""The per-epoch arrays of a train unit. ``hard_label`` is ``topk_classes[:, 0]`` (the argmax of the full
+logits, by construction), and the mix plan is a pure function of (seed, epoch, shard): the unit's record
+keeps its digest."""
+VAL_TARGETS = ("topk_logits", "topk_classes", "logsumexp", "label")
+
+
+def array_layout(spec: StoreSpec) -> dict[str, ArraySpec]:
+    """Every array of the store. Float16 logits are stored as their bits (uint16), so a delta filter codes
+    them without loss; fill values: :func:`no_data`."""
+    E, N, k, s, S = spec.epochs, spec.n_train, spec.k, spec.shard_size, spec.n_shards
     Nv, vs = spec.n_val, spec.val_shard_size
-    lab = spec.label_dtype
-    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
-    return {
-        "train/topk_logits": ((E, N, k), (1, s, k), f16),
-        "train/topk_classes": ((E, N, k), (1, s, k), lab),
-        "train/hard_label": ((E, N), (1, s), lab),
-        "train/logsumexp": ((E, N), (1, s), f32),
-        "train/partner": ((E, N), (1, s), np.dtype(np.int32)),
-        "train/lam": ((E, N), (1, s), f32),
-        "train/kind": ((E, N), (1, s), np.dtype(np.uint8)),
-        "train/label": ((N,), (s,), lab),
-        "val/topk_logits": ((Nv, k), (vs, k), f16),
-        "val/topk_classes": ((Nv, k), (vs, k), lab),
-        "val/hard_label": ((Nv,), (vs,), lab),
-        "val/logsumexp": ((Nv,), (vs,), f32),
-        "val/label": ((Nv,), (vs,), lab),
+    lab, bits, f32 = spec.label_dtype, np.dtype(np.uint16), np.dtype(np.float32)
+    per_epoch = {
+        "topk_logits": ((E, N, k), (1, s, k), bits, "logits"),
+        "topk_classes": ((E, N, k), (1, s, k), lab, "classes"),
+        "logsumexp": ((E, N), (1, s), f32, "values"),
     }
+    out: dict[str, ArraySpec] = {}
+    for name, (shape, chunks, dtype, holds) in per_epoch.items():
+        out[f"{STAGE}/train/{name}"] = ArraySpec(shape, chunks, dtype, None, holds)
+        shards = (1, S * s) + chunks[2:]
+        out[f"train/{name}"] = ArraySpec(shape, chunks, dtype, shards, holds)
+    out["train/label"] = ArraySpec((N,), (s,), lab, None, "classes")
+    out["val/topk_logits"] = ArraySpec((Nv, k), (vs, k), bits, None, "logits")
+    out["val/topk_classes"] = ArraySpec((Nv, k), (vs, k), lab, None, "classes")
+    out["val/logsumexp"] = ArraySpec((Nv,), (vs,), f32, None, "values")
+    out["val/label"] = ArraySpec((Nv,), (vs,), lab, None, "classes")
+    return out
 
 
 def spec_of(group: zarr.Group) -> StoreSpec:
@@ -191,7 +229,12 @@ def spec_of(group: zarr.Group) -> StoreSpec:
         ) from None
 
 
-def stored_bytes(group: zarr.Group) -> int:
-    """Bytes the store's arrays occupy where they are kept (chunks and metadata; zarr's own count, which works
-    for local and remote stores alike)."""
-    return sum(int(group[name].nbytes_stored()) for name in array_layout(spec_of(group)))
+def finished_objects(spec: StoreSpec) -> int:
+    """Objects of a finished store (every epoch packed, no claims left): the figure object stores, inode quotas
+    and DVC care about. Metadata (the root, 4 groups, every array), one object per packed array and epoch,
+    the label chunks, the val chunks, and the done records (one per packed epoch, one per val shard)."""
+    packed = sum(1 for name, a in array_layout(spec).items() if a.shards is not None)
+    val_arrays = sum(1 for name in array_layout(spec) if name.startswith("val/"))
+    metadata = 1 + 4 + len(array_layout(spec))
+    return (metadata + packed * spec.epochs + spec.n_shards + val_arrays * spec.n_val_shards
+            + spec.epochs + spec.n_val_shards)

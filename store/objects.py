@@ -79,6 +79,21 @@ class Objects:
         except FileNotFoundError:
             pass
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Every object under ``prefix`` with its size in bytes (one listing)."""
+        base = self.path(prefix).rstrip("/") if prefix else self.root.rstrip("/")
+        if self.local:
+            out = {}
+            for d, _, files in os.walk(base):
+                for f in files:
+                    if not f.endswith(".tmp"):
+                        full = os.path.join(d, f)
+                        out[os.path.relpath(full, self.root).replace(os.sep, "/")] = os.path.getsize(full)
+            return out
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        found = self.fs.find(base, detail=True)
+        return {p[len(root):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(root)}
+
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (one listing, recursive), relative to the root, sorted."""
         base = self.path(prefix).rstrip("/")
@@ -111,3 +126,9 @@ def objects_of(group: Any) -> Objects:
     if hasattr(st, "fs") and hasattr(st, "path"):  # zarr's FsspecStore
         return Objects(st.path, st.fs)
     return Objects(str(Path(st.root).absolute()))
+
+
+def object_stats(group: Any) -> tuple[int, int]:
+    """(objects, bytes) of the whole store a zarr group is the root of: one listing, for any filesystem."""
+    sizes = objects_of(group).sizes()
+    return len(sizes), sum(sizes.values())

@@ -17,14 +17,10 @@ import zarr
 from zarr.core.sync import sync
 
 from store.create import open_store
-from store.layout import no_data, spec_of
+from store.layout import STAGE, TRAIN_TARGETS, VAL_TARGETS, no_data, spec_of
 from store.objects import objects_of
 from store.provenance import ProvenanceMismatch, StoreError
-from store.records import digest, done_units, mask, read_record
-
-TRAIN_ARRAYS = ("topk_logits", "topk_classes", "hard_label", "logsumexp", "partner", "lam", "kind")
-"""The per-epoch arrays of a train unit (``label`` is per sample, shared by the epochs)."""
-VAL_ARRAYS = ("topk_logits", "topk_classes", "hard_label", "logsumexp", "label")
+from store.records import Record, digest, done_units, mask, read_record
 
 __all__ = [
     "DamagedUnit",
@@ -34,6 +30,7 @@ __all__ = [
     "TrainUnit",
     "ValUnit",
     "done_mask",
+    "packed_epochs",
     "open_store",
     "read_train_unit",
     "read_val",
@@ -54,12 +51,14 @@ class TrainUnit:
     end: int
     topk_logits: np.ndarray  # (n, k) float32 (stored as float16)
     topk_classes: np.ndarray  # (n, k)
-    hard_label: np.ndarray  # (n,) argmax of the full teacher logits
     logsumexp: np.ndarray  # (n,) float32, full logits at temperature 1
-    partner: np.ndarray  # (n,) int32 global index of the mix partner
-    lam: np.ndarray  # (n,) float32
-    kind: np.ndarray  # (n,) uint8: KIND_NONE / KIND_MIXUP / KIND_CUTMIX
     label: np.ndarray  # (n,) true labels
+    plan: str | None  # digest of the mix plan the teacher replayed (store.records.plan_digest)
+
+    @property
+    def hard_label(self) -> np.ndarray:
+        """(n,) the argmax of the full teacher logits: the first stored class (stable top-k)."""
+        return self.topk_classes[:, 0]
 
 
 @dataclass
@@ -68,9 +67,12 @@ class ValUnit:
     end: int
     topk_logits: np.ndarray
     topk_classes: np.ndarray
-    hard_label: np.ndarray
     logsumexp: np.ndarray
     label: np.ndarray
+
+    @property
+    def hard_label(self) -> np.ndarray:
+        return self.topk_classes[:, 0]
 
 
 class DamagedUnit(StoreError):
@@ -119,57 +121,71 @@ def _read(group: zarr.Group, reads: dict[str, tuple[str, Any]], where: str) -> d
     return out
 
 
-def _check(where: str, split: str, record: dict[str, Any], rows: tuple[int, int],
-           arrays: dict[str, np.ndarray]) -> None:
-    """Refuse the unit unless every array matches the digest its writer recorded."""
-    if tuple(record.get("rows", ())) != rows:
-        raise DamagedUnit(f"{where}: its record covers rows {record.get('rows')}, the store's layout {list(rows)}")
+def _check(where: str, prefix: str, record: Record, rows: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:
+    """Refuse the unit unless every array matches the digest its writer recorded (``prefix``: where the
+    unit's arrays are, for the message)."""
+    if record.rows != rows:
+        raise DamagedUnit(f"{where}: its record covers rows {list(record.rows)}, the store's layout {list(rows)}")
     for name, a in arrays.items():
-        if record["digests"].get(name) == digest(a):
+        if record.digests.get(name) == digest(a):
             continue
         fill = no_data(a.dtype)
         missing = bool(np.isnan(a).all()) if a.dtype.kind == "f" else bool((a == fill).all())
         cause = ("its chunk is missing (it reads back as the fill value)" if missing
                  else "its bytes differ from what the writer recorded (damaged, or from another unit)")
-        raise DamagedUnit(f"{where}, array {split}/{name}: {cause}; re-run `distill teacher` to rewrite the unit")
+        path = "train/label" if name == "label" and prefix != "val" else f"{prefix}/{name}"
+        raise DamagedUnit(f"{where}, array {path}: {cause}; re-run `distill teacher` to rewrite the unit")
 
 
 def done_mask(group: zarr.Group) -> np.ndarray:
     """(E, S) bool: which (epoch, shard) train units are complete (one listing of the done records)."""
     spec = spec_of(group)
-    return mask(done_units(objects_of(group), "train"), spec.epochs, spec.n_shards)
+    return mask(done_units(objects_of(group), "train", spec.n_shards)[0], spec.epochs, spec.n_shards)
+
+
+def packed_epochs(group: zarr.Group) -> set[int]:
+    """The stored epochs that are packed (one object per array)."""
+    return done_units(objects_of(group), "train", spec_of(group).n_shards)[1]
 
 
 def val_done_mask(group: zarr.Group) -> np.ndarray:
     """(S_val,) bool: which val shards are complete."""
     spec = spec_of(group)
-    return mask(done_units(objects_of(group), "val"), 1, spec.n_val_shards)[0]
+    return mask(done_units(objects_of(group), "val", spec.n_val_shards)[0], 1, spec.n_val_shards)[0]
 
 
-def read_train_unit(group: zarr.Group, epoch: int, shard: int, labels: np.ndarray | None = None) -> TrainUnit:
-    """All stored targets and the mix plan of one (epoch, shard), checked against the unit's record:
-    MissingUnit if it is not done, DamagedUnit if it does not read back as written. ``labels`` (all train
-    labels, read once by a caller that reads many units) saves reading the unit's label chunk."""
+def _unit_arrays(group: zarr.Group, epoch: int, shard: int, record: Record, where: str) -> dict[str, np.ndarray]:
+    a, b = spec_of(group).train_ranges[shard]
+    base = "train" if record.packed else f"{STAGE}/train"
+    reads = {name: (f"{base}/{name}", (epoch, slice(a, b))) for name in TRAIN_TARGETS}
+    arrays = _read(group, {**reads, "label": ("train/label", slice(a, b))}, where)
+    _check(where, base, record, (a, b), arrays)
+    return arrays
+
+
+def read_train_unit(group: zarr.Group, epoch: int, shard: int) -> TrainUnit:
+    """All stored targets of one (epoch, shard) and the digest of its mix plan, checked against the unit's
+    record: MissingUnit if it is not done, DamagedUnit if it does not read back as written."""
     spec = spec_of(group)
     if not 0 <= epoch < spec.epochs or not 0 <= shard < spec.n_shards:
         raise StoreError(
             f"read_train_unit: (epoch={epoch}, shard={shard}) outside the store's {spec.epochs} epochs "
             f"x {spec.n_shards} shards"
         )
-    where = _where(group, "train", epoch, shard)
-    record = read_record(objects_of(group), "train", epoch, shard)
+    where, objs = _where(group, "train", epoch, shard), objects_of(group)
+    record = read_record(objs, "train", epoch, shard)
     if record is None:
         raise MissingUnit(f"{where}: no data (not marked done); re-run the teacher stage to fill it")
+    try:
+        arrays = _unit_arrays(group, epoch, shard, record, where)
+    except DamagedUnit:
+        packed = read_record(objs, "train", epoch, shard)  # packed by another writer while this one read?
+        if record.packed or packed is None or not packed.packed:
+            raise
+        record, arrays = packed, _unit_arrays(group, epoch, shard, packed, where)
     a, b = spec.train_ranges[shard]
-    reads = {name: (f"train/{name}", (epoch, slice(a, b))) for name in TRAIN_ARRAYS}
-    if labels is None:
-        reads["label"] = ("train/label", slice(a, b))
-    arrays = _read(group, reads, where)
-    if labels is not None:
-        arrays["label"] = labels[a:b]
-    _check(where, "train", record, (a, b), arrays)
-    return TrainUnit(epoch=epoch, shard=shard, start=a, end=b,
-                     **{**arrays, "topk_logits": arrays["topk_logits"].astype(np.float32)})
+    return TrainUnit(epoch, shard, a, b, arrays["topk_logits"].view(np.float16).astype(np.float32),
+                     arrays["topk_classes"], arrays["logsumexp"], arrays["label"], record.plan)
 
 
 def read_val_unit(group: zarr.Group, shard: int) -> ValUnit:
@@ -180,9 +196,10 @@ def read_val_unit(group: zarr.Group, shard: int) -> ValUnit:
     if record is None:
         raise MissingUnit(f"{where}: no data (not marked done); re-run the teacher stage to fill it")
     a, b = spec.val_ranges[shard]
-    arrays = _read(group, {name: (f"val/{name}", slice(a, b)) for name in VAL_ARRAYS}, where)
+    arrays = _read(group, {name: (f"val/{name}", slice(a, b)) for name in VAL_TARGETS}, where)
     _check(where, "val", record, (a, b), arrays)
-    return ValUnit(start=a, end=b, **{**arrays, "topk_logits": arrays["topk_logits"].astype(np.float32)})
+    return ValUnit(a, b, arrays["topk_logits"].view(np.float16).astype(np.float32), arrays["topk_classes"],
+                   arrays["logsumexp"], arrays["label"])
 
 
 def read_val(group: zarr.Group) -> ValUnit:
@@ -192,5 +209,5 @@ def read_val(group: zarr.Group) -> ValUnit:
     if not done.all():
         raise MissingUnit(f"logit store: val shards {np.flatnonzero(~done).tolist()} are not marked done")
     units = [read_val_unit(group, s) for s in range(spec.n_val_shards)]
-    fields = ("topk_logits", "topk_classes", "hard_label", "logsumexp", "label")
+    fields = ("topk_logits", "topk_classes", "logsumexp", "label")
     return ValUnit(0, spec.n_val, **{f: np.concatenate([getattr(u, f) for u in units]) for f in fields})

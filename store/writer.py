@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from store.layout import KIND_CUTMIX, StoreSpec, spec_of
+from store.layout import KIND_CUTMIX, STAGE, TRAIN_TARGETS, StoreSpec, spec_of
 from store.objects import objects_of
-from store.records import write_record
+from store.records import plan_digest, unit_body, write_record
 
 
 def _arr(where: str, name: str, value: object, shape: tuple[int, ...], kind: str) -> np.ndarray:
@@ -40,16 +40,27 @@ def _floats(where: str, name: str, a: np.ndarray, dtype: type) -> np.ndarray:
     return out
 
 
-def _targets(where: str, spec: StoreSpec, n: int, topk_logits, topk_classes, hard_label, logsumexp, label):
+def _targets(where: str, spec: StoreSpec, n: int, topk_logits, topk_classes, logsumexp, label):
     k, c, lab = spec.k, spec.num_classes, spec.label_dtype
     tl = _floats(where, "topk_logits", _arr(where, "topk_logits", topk_logits, (n, k), "f"), np.float16)
     if k > 1 and not (tl[:, :-1] >= tl[:, 1:]).all():
         raise ValueError(f"{where}: topk_logits rows must be sorted by logit, descending")
     tc = _ints(where, "topk_classes", _arr(where, "topk_classes", topk_classes, (n, k), "i"), 0, c, lab)
-    hl = _ints(where, "hard_label", _arr(where, "hard_label", hard_label, (n,), "i"), 0, c, lab)
     lse = _floats(where, "logsumexp", _arr(where, "logsumexp", logsumexp, (n,), "f"), np.float32)
     lb = _ints(where, "label", _arr(where, "label", label, (n,), "i"), 0, c, lab)
-    return tl, tc, hl, lse, lb
+    return {"topk_logits": tl.view(np.uint16), "topk_classes": tc, "logsumexp": lse, "label": lb}
+
+
+def _plan(where: str, n: int, n_train: int, plan: tuple | None) -> str | None:
+    if plan is None:
+        return None
+    partner, kind, lam = plan
+    pa = _ints(where, "partner", _arr(where, "partner", partner, (n,), "i"), 0, n_train, np.int64)
+    la = _floats(where, "lam", _arr(where, "lam", lam, (n,), "f"), np.float32)
+    if la.size and (la.min() < 0 or la.max() > 1):
+        raise ValueError(f"{where}: lam values must be in [0, 1], got min {la.min()} max {la.max()}")
+    kd = _ints(where, "kind", _arr(where, "kind", kind, (n,), "i"), 0, KIND_CUTMIX + 1, np.uint8)
+    return plan_digest(pa, kd, la)
 
 
 def write_train_unit(
@@ -59,17 +70,15 @@ def write_train_unit(
     *,
     topk_logits: np.ndarray,
     topk_classes: np.ndarray,
-    hard_label: np.ndarray,
     logsumexp: np.ndarray,
-    partner: np.ndarray,
-    lam: np.ndarray,
-    kind: np.ndarray,
     label: np.ndarray,
+    plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """Write rows [start, end) of one shard for one stored epoch, then its done record (last).
+    """Write rows [start, end) of one shard for one stored epoch (to ``stage/``), then its done record (last).
 
-    Inputs are numpy arrays for exactly that shard's rows; they are checked (shape, dtype kind,
-    value range, sort order) and cast to the store's dtypes. Each write covers whole chunks.
+    Inputs are numpy arrays for exactly that shard's rows; they are checked (shape, dtype kind, value
+    range, sort order) and cast to the store's dtypes. ``plan`` is the (partner, kind, λ) the teacher
+    replayed: only its digest is kept, for readers to check theirs against.
     """
     spec = spec_of(group)
     where = f"write_train_unit(epoch={epoch}, shard={shard})"
@@ -78,24 +87,14 @@ def write_train_unit(
     if not 0 <= shard < spec.n_shards:
         raise ValueError(f"{where}: shard out of range [0, {spec.n_shards})")
     start, end = spec.train_ranges[shard]
-    n = end - start
     where += f" rows [{start}, {end})"
-    tl, tc, hl, lse, lb = _targets(where, spec, n, topk_logits, topk_classes, hard_label, logsumexp, label)
-    pa = _ints(where, "partner", _arr(where, "partner", partner, (n,), "i"), -1, spec.n_train, np.int32)
-    la = _floats(where, "lam", _arr(where, "lam", lam, (n,), "f"), np.float32)
-    if la.size and (la.min() < 0 or la.max() > 1):
-        raise ValueError(f"{where}: lam values must be in [0, 1], got min {la.min()} max {la.max()}")
-    kd = _ints(where, "kind", _arr(where, "kind", kind, (n,), "i"), 0, KIND_CUTMIX + 1, np.uint8)
-
-    arrays = {"topk_logits": tl, "topk_classes": tc, "hard_label": hl, "logsumexp": lse, "partner": pa, "lam": la,
-              "kind": kd, "label": lb}
-    for name, a in arrays.items():
-        if name == "label":  # the same values from every epoch; chunk writes are whole-object replaces
-            group["train/label"][start:end] = a
-        else:
-            group[f"train/{name}"][epoch, start:end] = a
+    arrays = _targets(where, spec, end - start, topk_logits, topk_classes, logsumexp, label)
+    body = unit_body((start, end), arrays, _plan(where, end - start, spec.n_train, plan))
+    for name in TRAIN_TARGETS:
+        group[f"{STAGE}/train/{name}"][epoch, start:end] = arrays[name]
+    group["train/label"][start:end] = arrays["label"]  # the same values from every epoch: whole-object replaces
     # last: the unit counts only once all its data is there, and the record says what that data is
-    write_record(objects_of(group), "train", epoch, shard, (start, end), arrays)
+    write_record(objects_of(group), "train", epoch, shard, body)
 
 
 def write_val_unit(
@@ -104,7 +103,6 @@ def write_val_unit(
     *,
     topk_logits: np.ndarray,
     topk_classes: np.ndarray,
-    hard_label: np.ndarray,
     logsumexp: np.ndarray,
     label: np.ndarray,
 ) -> None:
@@ -115,10 +113,7 @@ def write_val_unit(
         raise ValueError(f"{where}: shard out of range [0, {spec.n_val_shards})")
     start, end = spec.val_ranges[shard]
     where += f" rows [{start}, {end})"
-    tl, tc, hl, lse, lb = _targets(
-        where, spec, end - start, topk_logits, topk_classes, hard_label, logsumexp, label
-    )
-    arrays = {"topk_logits": tl, "topk_classes": tc, "hard_label": hl, "logsumexp": lse, "label": lb}
+    arrays = _targets(where, spec, end - start, topk_logits, topk_classes, logsumexp, label)
     for name, a in arrays.items():
         group[f"val/{name}"][start:end] = a
-    write_record(objects_of(group), "val", 0, shard, (start, end), arrays)  # last
+    write_record(objects_of(group), "val", 0, shard, unit_body((start, end), arrays))  # last

@@ -272,22 +272,31 @@ def done_mask_at(path: Path):
 
 
 def undo_unit(path: Path, epoch: int, shard: int, split: str = "train") -> None:
-    """Un-mark a unit as done (delete its record), as a crash before its record was written leaves it."""
-    import store
-
-    store.delete_record(store.objects_at(path), split, epoch, shard)
-
-
-def rewrite_unit(path: Path, epoch: int, shard: int, **changes) -> None:
-    """Rewrite a done train unit through the store's writer with some arrays changed (``name=function of the
-    old array``): a consistent unit, with its record, that holds other targets or another plan."""
+    """Un-mark a unit as done (delete its record), as a crash before its record was written leaves it; a packed
+    epoch is unpacked first."""
     import zarr
 
     import store
 
     g = zarr.open_group(str(path), mode="r+")
+    if split == "train" and epoch in store.packed_epochs(g):
+        store.unpack_epoch(g, epoch, {shard})
+    store.delete_record(store.objects_at(path), split, epoch, shard)
+
+
+def rewrite_unit(path: Path, epoch: int, shard: int, plan=None, **changes) -> None:
+    """Rewrite a done train unit through the store's writer with some arrays changed (``name=function of the
+    old array``) or another mix ``plan`` (partner, kind, λ): a consistent unit, with its record, that holds
+    other targets or was written for another plan. A packed epoch is unpacked first."""
+    import zarr
+
+    import store
+    from pipeline.audit_tables import store_plans
+
+    g = zarr.open_group(str(path), mode="r+")
+    if epoch in store.packed_epochs(g):
+        store.unpack_epoch(g, epoch, set())
     u = store.read_train_unit(g, epoch, shard)
-    arrays = {name: getattr(u, name) for name in ("topk_logits", "topk_classes", "hard_label", "logsumexp",
-                                                  "partner", "lam", "kind", "label")}
+    arrays = {name: getattr(u, name) for name in ("topk_logits", "topk_classes", "logsumexp", "label")}
     arrays.update({name: fn(arrays[name]) for name, fn in changes.items()})
-    store.write_train_unit(g, epoch, shard, **arrays)
+    store.write_train_unit(g, epoch, shard, plan=plan or store_plans(g)(epoch, shard), **arrays)

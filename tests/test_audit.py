@@ -26,12 +26,7 @@ NAMES = ["ant", "bee", "cat", "dog"]
 E = 3
 K = 2
 UNDONE = (2, 1)  # (epoch, shard) left unwritten: its rows must not appear
-# index -> {epoch: strength}: the teacher names (label + 1) % C with a big logit, label pushed out of top-k
-CONFIDENT = {3: {0: 9.0, 1: 9.0, 2: 9.0}, 17: {0: 7.0, 1: 7.0}, 22: {2: 5.0}}
-WEAK = {7: {0, 1, 2}}  # the teacher names (label + 2) % C with p_teacher < 0.9
-CUTMIX_AGREE = {(0, 5)}  # a mixed view where the teacher agrees with the label
-MIXED_TO_PARTNER = 12  # mixed in every epoch, lam 0.3, teacher = the partner's label (confidently)
-MIXED_CONTRADICTED = {(1, 17)}  # a confident contradiction on a mixed view: not a suspect view
+STRENGTHS = (9.0, 7.0, 5.0)  # the planted confident contradictions (label pushed out of the top-k)
 VAL_CONFIDENT, VAL_WEAK = 4, 9
 
 
@@ -43,8 +38,11 @@ class Planted:
     shards: Path
     labels: np.ndarray
     val_labels: np.ndarray
-    views: list[dict]  # one per stored train view: epoch, index, shard, label, teacher, kind, logits
+    views: list[dict]  # one per stored train view: epoch, index, shard, label, teacher, kind, partner, lam, logits
     val_views: list[dict]
+    confident: list[int]  # indices contradicted confidently, strongest first
+    weak: int  # an index the teacher contradicts with p_teacher < 0.9
+    plans: object  # (epoch, shard) -> (partner, kind, lam), as the store's provenance gives them
 
 
 def shard_labels(paths: list[str]) -> np.ndarray:
@@ -74,62 +72,60 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+def _choose(plans, ranges, labels) -> tuple[list[int], int]:
+    """Three indices (one per shard) that are unmixed in some stored epoch, and another for a weak contradiction."""
+    unmixed = {i for e in range(E) for s, (a, b) in enumerate(ranges) for i in range(a, b)
+               if plans(e, s)[1][i - a] == store.KIND_NONE and (e, s) != UNDONE}
+    confident = [min(i for i in unmixed if a <= i < b) for a, b in ranges]
+    weak = min(unmixed - set(confident))
+    return confident, weak
+
+
+def _plant(i: int, e: int, y: int, plan: tuple, labels, confident: list[int], weak: int) -> tuple[int, str]:
+    """(teacher, how) for index i's view in epoch e with the given (kind, partner, lam)."""
+    kind, partner, lam = plan
+    if i in confident:
+        return (y + 1) % C, str(STRENGTHS[confident.index(i)])  # on mixed views too: not suspect views there
+    if i == weak:
+        return (y + 2) % C, "weak"
+    if kind != store.KIND_NONE and lam < 0.5 and labels[partner] != y:
+        return int(labels[partner]), "9.0"  # the partner dominates the blend, and the teacher names it
+    return y, "agree"
+
+
 def build(tmp: Path) -> Planted:
     idx = make_idx(tmp / "idx", 25, 12, size=8, classes=C)
-    cfg = make_config(
-        tmp,
-        {"source": "idx", "root": str(idx), "class_names": NAMES},
-        teacher={"epochs": E, "topk": K},
-    )
+    cfg = make_config(tmp, {"source": "idx", "root": str(idx), "class_names": NAMES},
+                      aug={"mix_prob": 0.4}, teacher={"epochs": E, "topk": K})
     shards = ingest.run(cfg, progress=False)
     m = load_manifest(shards)
-    labels = shard_labels(m.shard_paths("train"))
-    val_labels = shard_labels(m.shard_paths("val"))
-    spec = store.StoreSpec(
-        num_classes=C,
-        epochs=E,
-        topk=K,
-        train_ranges=tuple(m.ranges("train")),
-        val_ranges=tuple(m.ranges("val")),
-    )
-    prov = {"manifest_fingerprint": m.fingerprint, "num_classes": C, "epochs": E, "topk": K}
+    labels, val_labels = shard_labels(m.shard_paths("train")), shard_labels(m.shard_paths("val"))
+    spec = store.StoreSpec(num_classes=C, epochs=E, topk=K, train_ranges=tuple(m.ranges("train")),
+                           val_ranges=tuple(m.ranges("val")))
+    prov = {"manifest_fingerprint": m.fingerprint, "num_classes": C, "epochs": E, "topk": K,
+            "aug": cfg.aug.model_dump(mode="json"), "seed": cfg.seed}
     group = store.create_store(cfg.store.path, spec, prov)
+    plans = audit_tables.store_plans(group)
+    confident, weak = _choose(plans, spec.train_ranges, labels)
     rng = np.random.default_rng(0)
-    partner_of_12 = next(j for j in range(10, 20) if labels[j] != labels[MIXED_TO_PARTNER])
     views = []
     for e in range(E):
         for s, (a, b) in enumerate(spec.train_ranges):
             if (e, s) == UNDONE:
                 continue
+            partner, kind, lam = plans(e, s)
             rows = []
             for i in range(a, b):
-                y = int(labels[i])
-                kind, partner, lam, teacher, how = store.KIND_NONE, i, 1.0, y, "agree"
-                if e in CONFIDENT.get(i, {}):
-                    teacher, how = (y + 1) % C, str(CONFIDENT[i][e])
-                elif e in WEAK.get(i, set()):
-                    teacher, how = (y + 2) % C, "weak"
-                if (e, i) in MIXED_CONTRADICTED:
-                    kind, partner, lam = store.KIND_CUTMIX, i - 1, 0.8
-                if (e, i) in CUTMIX_AGREE:
-                    kind, partner, lam = store.KIND_CUTMIX, i + 1, 0.7
-                if i == MIXED_TO_PARTNER:
-                    kind, partner, lam = store.KIND_MIXUP, partner_of_12, 0.3
-                    teacher, how = int(labels[partner_of_12]), "9.0"
+                y, view = int(labels[i]), (int(kind[i - a]), int(partner[i - a]), float(lam[i - a]))
+                teacher, how = _plant(i, e, y, view, labels, confident, weak)
                 x = logits_for(rng, y, teacher, how)
                 assert int(np.argmax(x)) == teacher
                 rows.append(x)
-                views.append(
-                    dict(epoch=e, index=i, shard=s, label=y, teacher=teacher, kind=kind, partner=partner,
-                         lam=lam, logits=x)
-                )  # fmt: skip
-            tl, tc, hl, lse = store.topk_from_logits(np.stack(rows), K)
-            unit = views[-(b - a) :]
-            store.write_train_unit(
-                group, e, s, topk_logits=tl, topk_classes=tc, hard_label=hl, logsumexp=lse,
-                partner=np.array([v["partner"] for v in unit]), lam=np.array([v["lam"] for v in unit]),
-                kind=np.array([v["kind"] for v in unit]), label=labels[a:b],
-            )  # fmt: skip
+                views.append(dict(epoch=e, index=i, shard=s, label=y, teacher=teacher, kind=view[0],
+                                  partner=view[1], lam=view[2], logits=x))
+            tl, tc, _, lse = store.topk_from_logits(np.stack(rows), K)
+            store.write_train_unit(group, e, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=labels[a:b],
+                                   plan=(partner, kind, lam))
     val_views = []
     for s, (a, b) in enumerate(spec.val_ranges):
         rows = []
@@ -143,17 +139,22 @@ def build(tmp: Path) -> Planted:
             x = logits_for(rng, y, teacher, how)
             rows.append(x)
             val_views.append(dict(index=i, shard=s, label=y, teacher=teacher, logits=x))
-        tl, tc, hl, lse = store.topk_from_logits(np.stack(rows), K)
-        store.write_val_unit(
-            group, s, topk_logits=tl, topk_classes=tc, hard_label=hl, logsumexp=lse, label=val_labels[a:b]
-        )
+        tl, tc, _, lse = store.topk_from_logits(np.stack(rows), K)
+        store.write_val_unit(group, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=val_labels[a:b])
     store.finalize(cfg.store.path)
-    return Planted(tmp, cfg, Path(cfg.store.path), shards, labels, val_labels, views, val_views)
+    return Planted(tmp, cfg, Path(cfg.store.path), shards, labels, val_labels, views, val_views, confident, weak,
+                   plans)
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> Planted:
     return build(tmp_path_factory.mktemp("audit"))
+
+
+def suspect_views(planted: Planted, i: int) -> tuple[int, int]:
+    """(unmixed views of index i that are stored, those the teacher contradicts confidently)."""
+    un = [v for v in planted.views if v["index"] == i and v["kind"] == store.KIND_NONE]
+    return len(un), sum(v["teacher"] != v["label"] and i in planted.confident for v in un)
 
 
 def disagreement(views: list[dict]) -> float:
@@ -166,7 +167,7 @@ def disagreement(views: list[dict]) -> float:
 
 def test_train_frame_has_one_row_per_done_view(planted):
     g = store.open_store(planted.store_path)
-    df = store.train_frame(g)
+    df = store.train_frame(g, planted.plans)
     assert len(df) == E * 25 - 10 == len(planted.views)
     assert list(zip(df["epoch"], df["index"], strict=True)) == [(v["epoch"], v["index"]) for v in planted.views]
     assert not ((df["epoch"] == UNDONE[0]) & (df["shard"] == UNDONE[1])).any()
@@ -174,14 +175,15 @@ def test_train_frame_has_one_row_per_done_view(planted):
     assert df["label"].tolist() == [v["label"] for v in planted.views]
     assert list(df["kind"].cat.categories) == ["none", "mixup", "cutmix"]
     assert df["kind"].tolist() == [store.KIND_NAMES[v["kind"]] for v in planted.views]
-    assert len(store.train_frame(g, [1])) == 25 and set(store.train_frame(g, [2])["shard"]) == {0, 2}
-    assert store.train_frame(g, []).empty
+    plans = planted.plans
+    assert len(store.train_frame(g, plans, [1])) == 25 and set(store.train_frame(g, plans, [2])["shard"]) == {0, 2}
+    assert store.train_frame(g, plans, []).empty
     with pytest.raises(ValueError, match="epochs"):
-        store.train_frame(g, [E])
+        store.train_frame(g, plans, [E])
 
 
 def test_train_frame_probabilities_match_the_softmax(planted):
-    df = store.train_frame(store.open_store(planted.store_path))
+    df = store.train_frame(store.open_store(planted.store_path), planted.plans)
     p = softmax(np.stack([v["logits"] for v in planted.views]))
     top2 = np.sort(p, axis=1)[:, ::-1]
     np.testing.assert_allclose(df["p_teacher"], top2[:, 0], atol=4e-3)
@@ -199,18 +201,22 @@ def test_train_frame_probabilities_match_the_softmax(planted):
 
 
 def test_train_frame_mix_plan_and_names(planted):
-    df = store.train_frame(store.open_store(planted.store_path), classes=NAMES)
+    df = store.train_frame(store.open_store(planted.store_path), planted.plans, classes=NAMES)
     assert df["partner"].tolist() == [v["partner"] for v in planted.views]
     np.testing.assert_allclose(df["lam"], [v["lam"] for v in planted.views], rtol=1e-6)
     assert df["partner_label"].tolist() == [int(planted.labels[v["partner"]]) for v in planted.views]
-    mixed12 = df[df["index"] == MIXED_TO_PARTNER]
-    assert (mixed12["dominant"] == mixed12["partner_label"]).all()  # lam 0.3: the partner dominates
-    cut = df[(df["epoch"] == 0) & (df["index"] == 5)]
-    assert cut["dominant"].item() == cut["label"].item()  # lam 0.7
+    mixed = df[df["kind"] != "none"]
+    assert len(mixed) and (mixed["lam"] < 0.5).any() and (mixed["lam"] >= 0.5).any()
+    own = mixed["lam"] >= 0.5  # the label weighing more in the blend dominates
+    assert (mixed.loc[own, "dominant"] == mixed.loc[own, "label"]).all()
+    assert (mixed.loc[~own, "dominant"] == mixed.loc[~own, "partner_label"]).all()
     assert df["label_name"].tolist() == [NAMES[v["label"]] for v in planted.views]
     assert df["teacher_name"].tolist() == [NAMES[v["teacher"]] for v in planted.views]
     with pytest.raises(ValueError, match="3 names"):
-        store.train_frame(store.open_store(planted.store_path), classes=NAMES[:3])
+        store.train_frame(store.open_store(planted.store_path), planted.plans, classes=NAMES[:3])
+    other = lambda e, s: (planted.plans(e, s)[0], planted.plans(e, s)[1], planted.plans(e, s)[2] * 0.5)  # noqa: E731
+    with pytest.raises(store.StoreError, match="not the one stored"):
+        store.train_frame(store.open_store(planted.store_path), other)
 
 
 def test_val_frame(planted):
@@ -228,13 +234,11 @@ def test_dense_all_mixed_store_has_no_unmixed_figures(tmp_path):
     spec = store.StoreSpec(num_classes=3, epochs=1, topk=5, train_ranges=((0, 6),), val_ranges=())
     g = store.create_store(tmp_path / "s.zarr", spec, {"seed": 0})
     x = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
-    tl, tc, hl, lse = store.topk_from_logits(x, 5)
+    tl, tc, _, lse = store.topk_from_logits(x, 5)
     label = np.array([0, 1, 2, 0, 1, 2])
-    store.write_train_unit(
-        g, 0, 0, topk_logits=tl, topk_classes=tc, hard_label=hl, logsumexp=lse, label=label,
-        partner=np.array([1, 0, 3, 2, 5, 4]), lam=np.full(6, 0.6), kind=np.array([1, 2] * 3),
-    )  # fmt: skip
-    df = store.train_frame(g)
+    plan = (np.array([1, 0, 3, 2, 5, 4]), np.array([1, 2] * 3), np.full(6, 0.6))
+    store.write_train_unit(g, 0, 0, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=label, plan=plan)
+    df = store.train_frame(g, lambda e, s: plan)
     assert df["label_in_topk"].all()
     np.testing.assert_allclose(df["p_label"], softmax(x)[np.arange(6), label], atol=4e-3)
     t = audit_tables.audit_frames(df, None, ["a", "b", "c"], threshold=0.0)
@@ -261,19 +265,21 @@ def expected_per_class(views: list[dict], pred=lambda v: True) -> tuple[list[int
 
 def test_audit_tables_match_what_was_planted(planted):
     g = store.open_store(planted.store_path)
-    t = audit_tables.audit_frames(store.train_frame(g, classes=NAMES), store.val_frame(g, classes=NAMES), NAMES, top=5)
+    t = audit_tables.audit_frames(store.train_frame(g, planted.plans, classes=NAMES), store.val_frame(g, classes=NAMES),
+                                  NAMES, top=5)
     views, unmixed = planted.views, [v for v in planted.views if v["kind"] == store.KIND_NONE]
     h = t.headline
     mixed = [v for v in views if v["kind"] != store.KIND_NONE]
-    assert h["train_samples"] == 65 and h["unmixed_samples"] == len(unmixed) == 65 - 4
+    assert h["train_samples"] == 65 and h["unmixed_samples"] == len(unmixed) and 0 < len(mixed) < 65
     assert h["train_disagreement"] == pytest.approx(disagreement(views))
     assert h["unmixed_disagreement"] == pytest.approx(disagreement(unmixed))
     assert h["val_disagreement"] == pytest.approx(2 / 12)
-    # mixed views: index 12 x2 (teacher = the partner's, dominant, label), (0, 5) agrees, (1, 17) contradicts
-    assert h["mixed_samples"] == len(mixed) == 4
-    assert h["mixed_dominant_disagreement"] == pytest.approx(1 / 4)
+    dominant = [v["label"] if v["lam"] >= 0.5 else int(planted.labels[v["partner"]]) for v in mixed]
+    assert h["mixed_samples"] == len(mixed)
+    assert h["mixed_dominant_disagreement"] == pytest.approx(
+        sum(v["teacher"] != d for v, d in zip(mixed, dominant, strict=True)) / len(mixed))
     outside = [v["teacher"] not in (v["label"], planted.labels[v["partner"]]) for v in mixed]
-    assert h["mixed_outside_pair"] == pytest.approx(sum(outside) / 4)
+    assert h["mixed_outside_pair"] == pytest.approx(sum(outside) / len(mixed))
 
     pc = t.per_class.set_index("class")
     for prefix, pred in (("train", lambda v: True), ("unmixed", lambda v: v["kind"] == store.KIND_NONE)):
@@ -309,21 +315,22 @@ def test_audit_tables_match_what_was_planted(planted):
 def test_suspects_are_exactly_the_confident_unmixed_contradictions(planted):
     g = store.open_store(planted.store_path)
     files = [f"train-{s:06d}.tar" for s in range(3)]
-    sus = audit_tables.suspects(store.train_frame(g, classes=NAMES), NAMES, 0.9, files)
-    # sorted by mean p_teacher: strengths 9 > 7 > 5; 17 is mixed in epoch 1 and undone in epoch 2
-    assert sus["index"].tolist() == [3, 17, 22]
-    assert sus["key"].tolist() == ["00000003", "00000017", "00000022"]
+    sus = audit_tables.suspects(store.train_frame(g, planted.plans, classes=NAMES), NAMES, 0.9, files)
+    conf = planted.confident  # one per shard, strengths 9 > 7 > 5: sorted by mean p_teacher
+    assert sus["index"].tolist() == conf
+    assert sus["key"].tolist() == [f"{i:08d}" for i in conf]
     assert sus["file"].tolist() == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert sus["epochs_contradicted"].tolist() == [3, 1, 1]
-    assert sus["epochs_unmixed"].tolist() == [3, 1, 3]
+    assert sus["epochs_contradicted"].tolist() == [suspect_views(planted, i)[1] for i in conf]
+    assert sus["epochs_unmixed"].tolist() == [suspect_views(planted, i)[0] for i in conf]
     lab = planted.labels
-    assert sus["label"].tolist() == [int(lab[i]) for i in (3, 17, 22)]
-    assert sus["teacher"].tolist() == [int(lab[i] + 1) % C for i in (3, 17, 22)]
-    assert sus["teacher_name"].tolist() == [NAMES[(lab[i] + 1) % C] for i in (3, 17, 22)]
+    assert sus["label"].tolist() == [int(lab[i]) for i in conf]
+    assert sus["teacher"].tolist() == [int(lab[i] + 1) % C for i in conf]
+    assert sus["teacher_name"].tolist() == [NAMES[(lab[i] + 1) % C] for i in conf]
     assert (sus["mean_p_teacher"] >= 0.9).all() and sus["mean_p_teacher"].is_monotonic_decreasing
-    # the threshold: 0.995 drops index 22 (strength 5: p ~ 0.99), 0.4 adds the weak contradiction (p ~ 0.53)
-    assert audit_tables.suspects(store.train_frame(g), NAMES, 0.995)["index"].tolist() == [3, 17]
-    assert 7 in audit_tables.suspects(store.train_frame(g), NAMES, 0.4)["index"].tolist()
+    # the threshold: 0.995 drops the strength-5 one (p ~ 0.99), 0.4 adds the weak contradiction (p ~ 0.53)
+    frame = store.train_frame(g, planted.plans)
+    assert audit_tables.suspects(frame, NAMES, 0.995)["index"].tolist() == conf[:2]
+    assert planted.weak in audit_tables.suspects(frame, NAMES, 0.4)["index"].tolist()
     vs = audit_tables.suspects(store.val_frame(g), NAMES, 0.9, ["val-000000.tar", "val-000001.tar"])
     assert vs["index"].tolist() == [VAL_CONFIDENT] and vs["file"].tolist() == ["val-000000.tar"]
 
@@ -343,13 +350,14 @@ def test_run_writes_the_report(planted, tmp_path):
     assert h["train_disagreement"] == pytest.approx(disagreement(planted.views))
     assert h["val_disagreement"] == pytest.approx(2 / 12)
     sus = pd.read_csv(out / "suspects.csv", dtype={"key": str})
-    assert sus["key"].tolist() == ["00000003", "00000017", "00000022"]
+    assert sus["key"].tolist() == [f"{i:08d}" for i in planted.confident]
     assert sus["file"].tolist() == [f"train-{s:06d}.tar" for s in range(3)]
     assert (planted.shards / sus["file"][0]).is_file()
     conf = pd.read_csv(out / "confusion.csv", index_col=0)
     assert list(conf.index) == NAMES and int(conf.to_numpy().sum()) == h["unmixed_samples"]
     md = (out / "audit.md").read_text()
-    for text in ("# Teacher–label audit", "Mixed views", "Suspected label noise", "00000017", "![audit](audit.png)"):
+    for text in ("# Teacher–label audit", "Mixed views", "Suspected label noise", f"{planted.confident[1]:08d}",
+                 "![audit](audit.png)"):
         assert text in md
     assert "| teacher != label, val | 16.67% |" in md
 

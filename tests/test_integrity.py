@@ -64,10 +64,20 @@ def damaged(base: Config, reference: Path, tmp_path: Path) -> tuple[Config, Path
     return derive(at(base, path), student={"output": str(tmp_path / "student")}), path
 
 
-def chunk(path: Path, array: str, epoch: int, shard: int) -> Path:
-    """The file of one unit's chunk of a train array (zarr v3's default chunk keys)."""
+def packed(path: Path, array: str, epoch: int) -> Path:
+    """The object that holds one train array of one packed stored epoch (zarr's sharding: one per epoch)."""
     rest = "/0" if array in ("topk_logits", "topk_classes") else ""
-    return path / "train" / array / "c" / str(epoch) / f"{shard}{rest}"
+    return path / "train" / array / "c" / str(epoch) / f"0{rest}"
+
+
+def unit_span(path: Path, array: str, epoch: int, shard: int) -> tuple[Path, int, int]:
+    """(object, byte offset, byte count) of one unit's chunk inside its packed epoch object, from the shard
+    index zarr keeps at the object's end (an offset and a size per chunk, then a CRC32C)."""
+    f = packed(path, array, epoch)
+    n = 3  # train shards of the module's data
+    raw = f.read_bytes()
+    index = np.frombuffer(raw[-(16 * n + 4) : -4], dtype="<u8").reshape(n, 2)
+    return f, int(index[shard, 0]), int(index[shard, 1])
 
 
 def flip(file: Path, at_byte: int, n: int) -> None:
@@ -75,6 +85,12 @@ def flip(file: Path, at_byte: int, n: int) -> None:
     for i in range(at_byte, min(at_byte + n, len(data))):
         data[i] ^= 0xFF
     file.write_bytes(bytes(data))
+
+
+def flip_unit(path: Path, array: str, epoch: int, shard: int) -> None:
+    """Flip 16 bytes in the middle of one unit's chunk."""
+    f, offset, size = unit_span(path, array, epoch, shard)
+    flip(f, offset + size // 2 - 8, 16)
 
 
 def student_fails(cfg: Config, *needles: str, distillation: str = "soft") -> None:
@@ -91,44 +107,49 @@ def student_fails(cfg: Config, *needles: str, distillation: str = "soft") -> Non
 
 def test_flipped_bytes_in_a_logits_chunk_are_refused_naming_unit_and_array(damaged):
     cfg, path = damaged
-    flip(chunk(path, "topk_logits", 0, 1), 40, 16)
+    flip_unit(path, "topk_logits", 0, 1)
     for kind in ("soft", "hard"):
         student_fails(cfg, "(epoch 0, shard 1)", "train/topk_logits", str(path), distillation=kind)
     result = run_cli("verify", "-c", write_yaml(cfg, path.parent / "cfg.yaml"), "--quiet", "--device", "cpu")
     assert_clean_failure(result, "1 damaged", "(epoch 0, shard 1)", "topk_logits")
 
 
-@pytest.mark.parametrize("array", ["topk_logits", "hard_label"])
-def test_a_deleted_chunk_is_refused_never_read_as_its_fill_value(damaged, array):
+@pytest.mark.parametrize("array", ["topk_logits", "topk_classes"])
+def test_a_deleted_object_is_refused_never_read_as_its_fill_value(damaged, array):
     cfg, path = damaged
-    chunk(path, array, 0, 2).unlink()  # the student's one epoch replays stored epoch 0
-    student_fails(cfg, "(epoch 0, shard 2)", f"train/{array}", "missing", distillation="hard")
+    packed(path, array, 0).unlink()  # the student's one epoch replays stored epoch 0
+    student_fails(cfg, "(epoch 0, shard", f"train/{array}", "missing", distillation="hard")
     report = verify.run(cfg, device="cpu")
-    assert len(report.damaged) == 1 and "missing" in report.damaged[0]
+    assert len(report.damaged) == 3 and all("missing" in d for d in report.damaged)  # every unit of the epoch
+
+
+def test_a_deleted_staged_chunk_is_refused(damaged):
+    cfg, path = damaged
+    store.unpack_epoch(zarr.open_group(str(path), mode="r+"), 0, set())  # epoch 0 as staged units again
+    (path / "stage" / "train" / "logsumexp" / "c" / "0" / "2").unlink()
+    student_fails(cfg, "(epoch 0, shard 2)", "stage/train/logsumexp", "missing", distillation="hard")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_truncated_chunk_is_a_one_line_cli_error(damaged, workers):
+def test_truncated_object_is_a_one_line_cli_error(damaged, workers):
     """Also when the unit is read in a DataLoader worker, whose error text carries the worker's traceback."""
     cfg, path = damaged
-    f = chunk(path, "hard_label", 0, 0)
+    f = packed(path, "topk_classes", 0)
     f.write_bytes(f.read_bytes()[:-7])
     result = run_cli("student", "-c", write_yaml(cfg, path.parent / "cfg.yaml"), "--quiet", "--device", "cpu",
                      "-s", "student.distillation=hard", "--workers", str(workers))
-    assert_clean_failure(result, "(epoch 0, shard 0)", "train/hard_label")
+    assert_clean_failure(result, "(epoch 0, shard", "train/topk_classes")
     assert len(result.output.strip().splitlines()) == 1
 
 
 def test_teacher_recomputes_exactly_the_damaged_units(damaged, reference, capsys):
     cfg, path = damaged
-    flip(chunk(path, "topk_logits", 0, 1), 40, 16)
-    chunk(path, "hard_label", 1, 2).unlink()
-    untouched = chunk(path, "lam", 1, 0).stat().st_mtime_ns
+    flip_unit(path, "topk_logits", 0, 1)
+    flip_unit(path, "logsumexp", 1, 2)
     teacher.run(cfg, progress=False, device="cpu")
     out = capsys.readouterr().out
     assert "(epoch 0, shard 1)" in out and "(epoch 1, shard 2)" in out and "wrote 2 unit(s)" in out
-    assert chunk(path, "lam", 1, 0).stat().st_mtime_ns == untouched  # the rest is left alone
-    assert_same_store(reference, path)
+    assert_same_store(reference, path)  # the rest was kept (unpacked, and packed again), not computed
 
 
 def test_verify_fails_on_a_logit_beyond_the_tolerance_and_on_nan(damaged):
@@ -139,14 +160,15 @@ def test_verify_fails_on_a_logit_beyond_the_tolerance_and_on_nan(damaged):
     assert_clean_failure(run_cli("verify", "-c", yml, "--quiet", "--device", "cpu"), "above --max-logit-diff")
     g = zarr.open_group(str(path), mode="r+")
     a, b = load_manifest(cfg.data.shards).ranges("train")[0]
-    lse = g["train/logsumexp"][0, a:b]
+    lse = g["stage/train/logsumexp"][0, a:b]
     lse[0] = np.nan
-    g["train/logsumexp"][0, a:b] = lse
-    record = store.read_record(store.objects_at(path), "train", 0, 0)
-    from store.records import write_record  # the writer refuses NaN: only a record written by hand can hold it
+    g["stage/train/logsumexp"][0, a:b] = lse
+    from store.records import unit_body, write_record  # the writer refuses NaN: a record written by hand
 
-    u = {k: np.asarray(g[f"train/{k}"][0, a:b]) for k in store.reader.TRAIN_ARRAYS}
-    write_record(store.objects_at(path), "train", 0, 0, tuple(record["rows"]), {**u, "label": g["train/label"][a:b]})
+    record = store.read_record(store.objects_at(path), "train", 0, 0)
+    arrays = {k: np.asarray(g[f"stage/train/{k}"][0, a:b]) for k in ("topk_logits", "topk_classes", "logsumexp")}
+    write_record(store.objects_at(path), "train", 0, 0,
+                 unit_body((a, b), {**arrays, "label": g["train/label"][a:b]}, record.plan))
     assert_clean_failure(run_cli("verify", "-c", yml, "--quiet", "--device", "cpu"), "1 unit(s) hold NaN")
 
 

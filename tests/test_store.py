@@ -22,6 +22,7 @@ from store import (
     describe,
     done_mask,
     open_store,
+    plan_digest,
     read_train_unit,
     read_val,
     stored_probs,
@@ -69,16 +70,14 @@ def unit_data(spec: StoreSpec, shard: int, seed: int = 0) -> tuple[np.ndarray, d
     a, b = spec.train_ranges[shard]
     n = b - a
     logits = logits_for(n, spec.num_classes, seed)
-    tl, tc, hl, lse = topk_from_logits(logits, spec.topk)
+    tl, tc, _, lse = topk_from_logits(logits, spec.topk)
     data = dict(
         topk_logits=tl,
         topk_classes=tc,
-        hard_label=hl,
         logsumexp=lse,
-        partner=np.arange(a, b)[::-1].copy(),
-        lam=np.linspace(0.1, 1.0, n),
-        kind=np.array([KIND_NONE, KIND_MIXUP, KIND_CUTMIX] * n)[:n],
         label=np.arange(n) % spec.num_classes,
+        plan=(np.arange(a, b)[::-1].copy(), np.array([KIND_NONE, KIND_MIXUP, KIND_CUTMIX] * n)[:n],
+              np.linspace(0.1, 1.0, n)),
     )
     return logits, data
 
@@ -97,9 +96,10 @@ def test_round_trip_of_a_train_unit(tmp_path):
     assert (u.epoch, u.shard, u.start, u.end) == (1, 2, 8, 10)
     assert u.topk_logits.dtype == np.float32
     np.testing.assert_array_equal(u.topk_logits, data["topk_logits"].astype(np.float32))
-    for name in ("topk_classes", "hard_label", "logsumexp", "partner", "kind", "label"):
+    for name in ("topk_classes", "logsumexp", "label"):
         np.testing.assert_array_equal(getattr(u, name), data[name], err_msg=name)
-    np.testing.assert_allclose(u.lam, data["lam"], rtol=1e-6)
+    np.testing.assert_array_equal(u.hard_label, data["topk_classes"][:, 0])  # the argmax, by construction
+    assert u.plan == plan_digest(*data["plan"])
     assert done_mask(g).tolist() == [[False, False, False], [False, False, True]]
 
 
@@ -267,7 +267,7 @@ def test_label_dtype_follows_class_count(tmp_path):
     assert big.label_dtype == np.int32
     g = create_store(tmp_path / "big.zarr", big, {"num_classes": 70000})
     assert g["train/topk_classes"].dtype == np.int32 and g["train/label"].dtype == np.int32
-    assert create_store(tmp_path / "s.zarr", make_spec(), PROV)["train/hard_label"].dtype == np.uint16
+    assert create_store(tmp_path / "s.zarr", make_spec(), PROV)["train/topk_classes"].dtype == np.uint16
 
 
 @pytest.mark.parametrize(
@@ -305,12 +305,12 @@ def test_val_round_trip_and_missing_val_shard(tmp_path):
     tl, tc, hl, lse = topk_from_logits(logits, 3)
     label = np.arange(5)
     write_val_unit(
-        g, 1, topk_logits=tl[3:], topk_classes=tc[3:], hard_label=hl[3:], logsumexp=lse[3:], label=label[3:]
+        g, 1, topk_logits=tl[3:], topk_classes=tc[3:], logsumexp=lse[3:], label=label[3:]
     )
     with pytest.raises(MissingUnit, match=r"val shards \[0\]"):
         read_val(g)
     write_val_unit(
-        g, 0, topk_logits=tl[:3], topk_classes=tc[:3], hard_label=hl[:3], logsumexp=lse[:3], label=label[:3]
+        g, 0, topk_logits=tl[:3], topk_classes=tc[:3], logsumexp=lse[:3], label=label[:3]
     )
     v = read_val(open_store(tmp_path / "s.zarr"))
     np.testing.assert_array_equal(v.topk_classes, tc)
@@ -321,10 +321,10 @@ def test_val_round_trip_and_missing_val_shard(tmp_path):
 def test_interrupted_creation_is_completed_on_reopen(tmp_path):
     spec = make_spec()
     create_store(tmp_path / "s.zarr", spec, PROV)
-    shutil.rmtree(tmp_path / "s.zarr" / "train" / "lam")  # as if creation stopped before this array
+    shutil.rmtree(tmp_path / "s.zarr" / "train" / "logsumexp")  # as if creation stopped before this array
     g = create_store(tmp_path / "s.zarr", spec, PROV)
     write_unit(g, spec, 0, 0)
-    assert read_train_unit(open_store(tmp_path / "s.zarr"), 0, 0).lam.shape == (4,)
+    assert read_train_unit(open_store(tmp_path / "s.zarr"), 0, 0).logsumexp.shape == (4,)
 
 
 def _write_in_child(path: str, epoch: int, shard: int) -> None:
@@ -349,3 +349,73 @@ def test_concurrent_writes_from_two_processes_both_land(tmp_path):
     expected = unit_data(make_spec(), 1, seed=101)[1]
     np.testing.assert_array_equal(read_train_unit(r, 1, 1).topk_classes, expected["topk_classes"])
     np.testing.assert_array_equal(r["train/label"][4:8], expected["label"])
+
+
+def _files(path) -> list[str]:
+    import os
+
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_a_complete_epoch_packs_into_one_object_per_array_and_reads_back_the_same(tmp_path):
+    from store import pack_epoch, packed_epochs, unpacked_complete
+
+    spec = make_spec()
+    g = create_store(tmp_path / "s.zarr", spec, PROV)
+    written = {s: write_unit(g, spec, 0, s) for s in range(3)}
+    write_unit(g, spec, 1, 0)
+    before = {s: read_train_unit(g, 0, s) for s in range(3)}
+    assert unpacked_complete(g) == [0]
+    pack_epoch(g, 0)
+    assert packed_epochs(g) == {0} and unpacked_complete(g) == [] and done_mask(g)[0].all()
+    files = _files(tmp_path / "s.zarr")
+    for name in ("topk_logits", "topk_classes", "logsumexp"):
+        assert sum(f.startswith(f"train/{name}/c/") for f in files) == 1  # the epoch is one object
+        assert not any(f.startswith(f"stage/train/{name}/c/0/") for f in files)  # its staged chunks are gone
+    assert "done/train/e000000.json" in files and not any(f.startswith("done/train/e000000-") for f in files)
+    for s in range(3):
+        after = read_train_unit(open_store(tmp_path / "s.zarr"), 0, s)
+        for name in ("topk_logits", "topk_classes", "logsumexp", "label"):
+            np.testing.assert_array_equal(getattr(after, name), getattr(before[s], name))
+        assert after.plan == before[s].plan == plan_digest(*written[s]["plan"])
+    assert read_train_unit(g, 1, 0).plan == plan_digest(*unit_data(spec, 0, seed=100)[1]["plan"])  # still staged
+
+
+def test_damage_in_a_packed_epoch_is_found_and_the_epoch_unpacked_but_for_that_unit(tmp_path):
+    from store import DamagedUnit, pack_epoch, packed_epochs, unpack_epoch
+
+    spec = make_spec()
+    path = tmp_path / "s.zarr"
+    g = create_store(path, spec, PROV)
+    for s in range(3):
+        write_unit(g, spec, 0, s)
+    pack_epoch(g, 0)
+    obj = path / "train" / "logsumexp" / "c" / "0" / "0"
+    raw = bytearray(obj.read_bytes())
+    raw[10] ^= 0xFF  # inside the first unit's chunk
+    obj.write_bytes(bytes(raw))
+    with pytest.raises(DamagedUnit, match=r"\(epoch 0, shard 0\)"):
+        read_train_unit(open_store(path), 0, 0)
+    read_train_unit(open_store(path), 0, 2)  # the other units' bytes are intact: a chunk is read by its range
+    unpack_epoch(g, 0, {0})
+    assert packed_epochs(g) == set() and done_mask(g)[0].tolist() == [False, True, True]
+    write_unit(g, spec, 0, 0)
+    pack_epoch(g, 0)
+    assert read_train_unit(open_store(path), 0, 0).plan is not None
+
+
+def test_a_packer_killed_after_its_record_leaves_leftovers_that_tidy_removes(tmp_path, monkeypatch):
+    import store.pack as pack
+
+    spec = make_spec()
+    g = create_store(tmp_path / "s.zarr", spec, PROV)
+    for s in range(3):
+        write_unit(g, spec, 0, s)
+    monkeypatch.setattr(pack, "_drop_staged", lambda group, epoch: None)  # killed right after the epoch record
+    pack.pack_epoch(g, 0)
+    monkeypatch.undo()
+    assert any(f.startswith("done/train/e000000-") for f in _files(tmp_path / "s.zarr"))
+    pack.tidy(g)
+    files = _files(tmp_path / "s.zarr")
+    assert not any(f.startswith("done/train/e000000-") or f.startswith("stage/train/topk_logits/c/0/") for f in files)
+    assert done_mask(g)[0].all()

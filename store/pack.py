@@ -1,0 +1,98 @@
+"""Packing: a stored epoch whose units are all done becomes one object per array.
+
+Writers fill ``stage/`` one unit (one chunk per array) at a time. Once every unit of a stored epoch is
+done, one writer (it holds the epoch's "pack" claim) reads them back, checked, writes each array's
+epoch whole into ``train/`` (zarr's sharding codec: one object per array and epoch, every chunk still
+readable by byte range), writes the epoch's record with every unit's digests, and deletes the unit
+records and staged chunks. A packer killed half-way leaves either the staged epoch (packed again
+later) or both (the leftovers are deleted by :func:`tidy`); a reader always finds one complete copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from store.layout import STAGE, TRAIN_TARGETS, spec_of
+from store.objects import objects_of
+from store.reader import _unit_arrays, _where, done_mask, packed_epochs
+from store.records import (
+    delete_record,
+    epoch_record,
+    forget_epoch,
+    read_record,
+    unit_body,
+    write_epoch_record,
+    write_record,
+)
+
+
+def unpacked_complete(group: zarr.Group) -> list[int]:
+    """Stored epochs whose units are all done but not packed yet."""
+    done, packed = done_mask(group), packed_epochs(group)
+    return [int(e) for e in np.flatnonzero(done.all(axis=1)) if int(e) not in packed]
+
+
+def _staged_keys(group: zarr.Group, epoch: int, shard: int) -> list[str]:
+    keys = []
+    for name in TRAIN_TARGETS:
+        arr = group[f"{STAGE}/train/{name}"]
+        coords = (epoch, shard) + (0,) * (arr.ndim - 2)
+        keys.append(f"{STAGE}/train/{name}/{arr.metadata.encode_chunk_key(coords)}")
+    return keys
+
+
+def _drop_staged(group: zarr.Group, epoch: int) -> None:
+    objs = objects_of(group)
+    for shard in range(spec_of(group).n_shards):
+        for key in _staged_keys(group, epoch, shard):
+            objs.delete(key)
+        delete_record(objs, "train", epoch, shard)
+
+
+def pack_epoch(group: zarr.Group, epoch: int) -> None:
+    """Pack one complete stored epoch (every unit checked as it is read back)."""
+    spec, objs = spec_of(group), objects_of(group)
+    records, columns = {}, {name: [] for name in TRAIN_TARGETS}
+    for shard in range(spec.n_shards):
+        record = read_record(objs, "train", epoch, shard)
+        if record is None:
+            raise ValueError(f"pack_epoch({epoch}): unit (epoch {epoch}, shard {shard}) is not done")
+        if record.packed:
+            return  # another writer packed it meanwhile
+        arrays = _unit_arrays(group, epoch, shard, record, _where(group, "train", epoch, shard))
+        for name in TRAIN_TARGETS:
+            columns[name].append(arrays[name])
+        records[shard] = {"rows": list(record.rows), "digests": record.digests, "plan": record.plan}
+    for name in TRAIN_TARGETS:
+        group[f"train/{name}"][epoch] = np.concatenate(columns[name])  # one writer writes the epoch's object whole
+    write_epoch_record(objs, epoch, records)
+    _drop_staged(group, epoch)
+
+
+def tidy(group: zarr.Group) -> None:
+    """Delete the unit records and staged chunks that a packer killed after its epoch record left behind."""
+    objs = objects_of(group)
+    staged = {e for key in objs.list("done/train") if "-s" in key.rsplit("/", 1)[-1]
+              for e in [int(key.rsplit("/", 1)[-1][1:7])]}
+    for epoch in sorted(staged & packed_epochs(group)):
+        _drop_staged(group, epoch)
+
+
+def unpack_epoch(group: zarr.Group, epoch: int, damaged: set[int]) -> None:
+    """Turn a packed epoch back into staged units, all but the ``damaged`` shards (they are computed again
+    and the epoch packed anew); each unit is checked as it is read."""
+    spec, objs = spec_of(group), objects_of(group)
+    body = epoch_record(objs, epoch)
+    if body is None:
+        return
+    for shard in range(spec.n_shards):
+        if shard in damaged:
+            continue
+        record = read_record(objs, "train", epoch, shard)
+        arrays = _unit_arrays(group, epoch, shard, record, _where(group, "train", epoch, shard))
+        a, b = spec.train_ranges[shard]
+        for name in TRAIN_TARGETS:
+            group[f"{STAGE}/train/{name}"][epoch, a:b] = arrays[name]
+        write_record(objs, "train", epoch, shard, unit_body((a, b), arrays, record.plan))
+    forget_epoch(objs, epoch)
