@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.config import StudentConfig
 from pipeline.errors import DistillError
-from pipeline.files import atomic_torch_save, torch_load
+from pipeline.files import atomic_torch_save, location, torch_load
 from pipeline.models import create_student
 
 CHECKPOINT = "checkpoint.pt"
@@ -30,8 +30,9 @@ class CheckpointError(DistillError):
     """A student checkpoint that is missing, unreadable or made for something else."""
 
 
-def checkpoint_path(folder: str | Path) -> Path:
-    return Path(folder) / CHECKPOINT
+def checkpoint_path(folder: str | Path) -> str:
+    """The checkpoint file of a student output folder (a local path or a URL)."""
+    return str(location(folder) / CHECKPOINT)
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,7 +57,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_checkpoint(folder: str | Path, payload: dict[str, Any]) -> Path:
+def save_checkpoint(folder: str | Path, payload: dict[str, Any]) -> str:
     """Write ``payload`` as the folder's checkpoint (atomically); returns its path."""
     path = checkpoint_path(folder)
     atomic_torch_save(payload, path)
@@ -65,8 +66,7 @@ def save_checkpoint(folder: str | Path, payload: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint on the CPU with the safe loader; CheckpointError names the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
+    if not location(path).is_file():
         raise CheckpointError(f"no student checkpoint at {path}; run `distill student` for it first")
     try:
         obj = torch_load(path)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import DistillError
+from pipeline.files import check_scheme
 from store.layout import CODEC_LEVELS, CODECS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -24,6 +26,20 @@ Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 PosInt = Annotated[int, Field(ge=1)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+def _text(value: Any) -> Any:
+    return str(value) if isinstance(value, os.PathLike) else value
+
+
+def _scheme(value: str) -> str:
+    check_scheme(value)
+    return value
+
+
+Location = Annotated[str, BeforeValidator(_text), AfterValidator(_scheme)]
+"""A local path or an fsspec URL (``s3://bucket/x``, ``gs://``, ``memory://``); a scheme with no filesystem
+installed is refused at load time, naming the package."""
 
 
 class ConfigError(DistillError, ValueError):
@@ -38,14 +54,14 @@ class DataConfig(Strict):
     """Where images come from and how they are sharded."""
 
     source: Literal["idx", "imagefolder"] = "idx"
-    root: Path | None = None
+    root: Location | None = None
     """idx: folder holding train-images-idx3-ubyte[.gz], train-labels-..., t10k-images-..., t10k-labels-..."""
-    train_root: Path | None = None
+    train_root: Location | None = None
     """imagefolder: one sub-folder per class of JPEG/PNG files."""
-    val_root: Path | None = None
+    val_root: Location | None = None
     class_names: list[str] | None = None
     """idx only: names for class ids 0..C-1 (imagefolder takes the sorted folder names)."""
-    shards: Path = Path("data/shards")
+    shards: Location = "data/shards"
     shard_size: PosInt = 1000
     train_limit: PosInt | None = None
     """Keep only the first N train samples after the seeded shuffle (a reproducible subset)."""
@@ -136,13 +152,13 @@ class TeacherFitConfig(Strict):
     aug: dict[str, Any] = {}
     """Changes to the ``aug`` section for fitting only (e.g. ``{mix_prob: 0}``): a teacher is trained with
     its own recipe, as DeiT's pretrained RegNet was, and then labels the student's DeiT views."""
-    output: Path = Path("data/teacher.pt")
+    output: Location = "data/teacher.pt"
 
 
 class TeacherConfig(Strict):
     model: str = "resnet18"
     pretrained: bool = False
-    checkpoint: Path | None = None
+    checkpoint: Location | None = None
     small_stem: bool = False
     """3x3 stride-1 stem without max-pool, for 28 to 64 px inputs."""
     epochs: Annotated[int, Field(ge=1, le=10000)] = 4
@@ -157,7 +173,7 @@ class TeacherConfig(Strict):
 
 
 class StoreConfig(Strict):
-    path: Path = Path("data/logits.zarr")
+    path: Location = "data/logits.zarr"
     codec: Literal[CODECS] = "zstd"  # type: ignore[valid-type]
     level: Annotated[int, Field(ge=0)] = 3
     """zstd: 0 to 22; gzip and blosc-lz4: 0 to 9."""
@@ -204,20 +220,23 @@ class StudentConfig(Strict):
     elastic: Literal["keep_global_batch", "rescale_lr"] = "keep_global_batch"
     """Resuming on another number of ranks: keep the checkpoint's global batch (the per-rank batch becomes
     global / ranks) or keep student.batch_size per rank and scale the lr with the new global batch."""
-    output: Path = Path("runs/student")
+    output: Location = "runs/student"
 
 
 class EvaluateConfig(Strict):
     batch_size: PosInt = 256
-    students: list[Path] = []
+    students: list[Location] = []
     """Student output folders to evaluate (each named by its folder, without a 'student-' prefix)."""
     throughput_seconds: Annotated[float, Field(gt=0.0)] = 2.0
     """Timed inference per model for the throughput column."""
-    output: Path = Path("runs/eval")
+    output: Location = "runs/eval"
 
 
 class Config(Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    storage_options: dict[str, dict[str, Any]] = {}
+    """Per URL scheme, the options of its fsspec filesystem, e.g. ``{s3: {endpoint_url: http://..., anon: false}}``
+    (credentials are better left to the filesystem's environment variables or profiles)."""
     data: DataConfig
     aug: AugConfig = AugConfig()
     teacher: TeacherConfig = TeacherConfig()

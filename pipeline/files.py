@@ -1,8 +1,14 @@
-"""Writing and hashing files safely: the one place that knows how an output reaches the disk.
+"""Where files live and how they are written: local paths and fsspec URLs (``s3://``, ``gs://``, ``memory://``).
 
-Every output a later stage trusts (checkpoints, reports, the manifest) is written to a temporary
-sibling, flushed and renamed into place, so a crash or a full disk never leaves a half-written file
-under the real name; the temporary file of a failed write is removed.
+Every path the config names goes through :func:`location` (a ``UPath``: pathlib's API on any fsspec
+filesystem), so an ``s3://`` path is never taken for a local folder named ``s3:``. Each scheme's
+``storage_options`` (endpoint, profile, anonymous access, ...) come from the config's
+``storage_options`` section through fsspec's own per-protocol defaults (:func:`use_storage_options`),
+or from the filesystem's usual environment variables (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ...).
+
+Every output a later stage trusts (checkpoints, reports, the manifest) is written atomically: locally
+to a temporary sibling, flushed and renamed into place (the temporary file of a failed write is
+removed); on an object store in one PUT, which readers see whole or not at all.
 """
 
 from __future__ import annotations
@@ -12,24 +18,102 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
+from upath import UPath
+
+SCHEME_PACKAGES = {"s3": "s3fs (pip install 'deit-distill[s3]')", "gs": "gcsfs (pip install 'deit-distill[gcs]')",
+                   "gcs": "gcsfs (pip install 'deit-distill[gcs]')"}
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """A URL of a filesystem other than the local one (``file://`` paths are local)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def location(path: str | os.PathLike[str]) -> UPath:
+    """The path as a ``UPath``: a local path, or a file or folder on the URL's filesystem."""
+    text = str(path)
+    return UPath(text.removeprefix("file://") if text.startswith("file://") else text)
+
+
+def check_scheme(path: str) -> None:
+    """Refuse a URL whose scheme has no fsspec filesystem installed, naming the package to install."""
+    if not is_url(path):
+        return
+    scheme = path.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError:
+        raise ValueError(f"no filesystem for '{scheme}://' is installed; install "
+                         f"{SCHEME_PACKAGES.get(scheme, 'the fsspec implementation for it')}") from None
+    except ValueError:
+        raise ValueError(f"unknown URL scheme '{scheme}://' (fsspec knows no such filesystem)") from None
+
+
+def use_storage_options(options: dict[str, dict[str, Any]]) -> None:
+    """Make each scheme's options (``{"s3": {"endpoint_url": ...}}``) the defaults of every filesystem of that
+    scheme this process (and its DataLoader workers) opens: fsspec's own per-protocol configuration."""
+    for scheme, opts in options.items():
+        fsspec.config.conf.setdefault(scheme, {}).update(opts)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with location(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    return location(path).read_bytes()
+
+
+def read_range(path: str | os.PathLike[str], start: int, end: int) -> bytes:
+    """Bytes ``start .. end - 1`` of a file (one ranged GET on an object store); fewer if the file is shorter."""
+    if not is_url(path):
+        with open(str(path).removeprefix("file://"), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    p = location(path)
+    return p.fs.cat_file(p.path, start=start, end=end)
+
+
+@contextmanager
+def local_copy(path: str | os.PathLike[str] | None) -> Iterator[str | None]:
+    """A local path to the file (a temporary download for a URL), for libraries that only read local files."""
+    if path is None or not is_url(path):
+        yield None if path is None else str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="distill-") as tmp:
+        local = os.path.join(tmp, location(path).name)
+        with open(local, "wb") as f:
+            f.write(read_bytes(path))
+        yield local
+
+
+def size(path: str | os.PathLike[str]) -> int:
+    return int(location(path).stat().st_size)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename (parents are created)."""
-    path = Path(path)
+    """Write ``data`` to ``path`` whole: a temporary sibling and a rename locally (parents are created), one
+    PUT on an object store."""
+    if is_url(path):
+        try:
+            location(path).write_bytes(bytes(data))
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        return
+    path = Path(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -85,8 +169,10 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
     Raises ValueError with :func:`torch_load_reason`; FileNotFoundError when there is no file.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = read_bytes(path)
     except FileNotFoundError:
         raise
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only refusals all mean "not a usable torch file"
         raise ValueError(torch_load_reason(e)) from e

@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.config import Config, StudentConfig, TeacherConfig
 from pipeline.errors import DistillError
-from pipeline.files import atomic_torch_save, sha256_file, torch_load
+from pipeline.files import atomic_torch_save, local_copy, location, sha256_file, torch_load
 
 
 class ModelError(DistillError, ValueError):
@@ -158,8 +158,8 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if not path.is_file():
+def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not location(path).is_file():
         raise CheckpointNotFoundError(
             f"teacher.checkpoint {path}: file not found (train one with `distill teacher-fit`)"
         )
@@ -217,7 +217,7 @@ def create_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> nn
     """
     if not timm.is_model(cfg.model):
         raise ModelError(f"teacher.model {cfg.model!r}: unknown timm model")
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint is not None else None
+    ckpt = str(cfg.checkpoint) if cfg.checkpoint is not None else None
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     if cfg.pretrained:
         if cfg.small_stem and _replaces_stem_conv(timm.create_model(cfg.model, pretrained=False, **kwargs)):
@@ -226,12 +226,13 @@ def create_teacher(cfg: TeacherConfig, *, num_classes: int, in_chans: int) -> nn
                 "initialised stem conv on top of its pretrained weights; fine-tune it with `distill teacher-fit` "
                 "(pretrained: false) or use teacher.small_stem: false"
             )
-        if ckpt is not None:
-            if not ckpt.is_file():
-                raise CheckpointNotFoundError(f"teacher.checkpoint {ckpt}: file not found")
-            kwargs["pretrained_cfg_overlay"] = {"file": str(ckpt)}
+        if ckpt is not None and not location(ckpt).is_file():
+            raise CheckpointNotFoundError(f"teacher.checkpoint {ckpt}: file not found")
         try:
-            model = timm.create_model(cfg.model, pretrained=True, **kwargs)
+            with local_copy(ckpt) as local:  # timm reads a local file
+                if local is not None:
+                    kwargs["pretrained_cfg_overlay"] = {"file": local}
+                model = timm.create_model(cfg.model, pretrained=True, **kwargs)
         except Exception as e:
             if ckpt is not None:
                 raise ModelError(
@@ -294,12 +295,12 @@ def resolve_teacher(cfg: Config) -> Config:
     t = cfg.teacher
     if t.checkpoint is not None or t.pretrained:
         return cfg
-    if not Path(t.fit.output).is_file():
+    if not location(t.fit.output).is_file():
         raise CheckpointNotFoundError(
             f"no teacher weights: {t.fit.output} does not exist. Run `distill teacher-fit` first, "
             "or set teacher.checkpoint (a local file) or teacher.pretrained: true."
         )
-    return cfg.model_copy(update={"teacher": t.model_copy(update={"checkpoint": Path(t.fit.output)})})
+    return cfg.model_copy(update={"teacher": t.model_copy(update={"checkpoint": str(t.fit.output)})})
 
 
 def teacher_forward(model: nn.Module, x: torch.Tensor, device: torch.device, to_cpu: bool = True) -> torch.Tensor:

@@ -15,6 +15,7 @@ on it; and a reader can start in the middle of a shard without reading what come
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -26,7 +27,7 @@ import google_crc32c
 import numpy as np
 
 from pipeline.errors import DistillError
-from pipeline.files import sha256_file
+from pipeline.files import read_bytes, read_range, size
 
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("crc32c", "<u4")])
 CHUNK_BYTES = 32 << 20
@@ -67,12 +68,13 @@ def write_index(index: np.ndarray, path: str | os.PathLike[str]) -> None:
 def load_index(path: str, sha256: str, count: int) -> np.ndarray:
     """A shard's index, checked against the manifest's sha256 and sample count (cached per process)."""
     try:
-        digest = sha256_file(path)
+        data = read_bytes(path)
     except FileNotFoundError:
         raise ShardDamaged(f"{path}: shard index missing (re-run `distill ingest`)") from None
+    digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise ShardDamaged(f"{path}: shard index sha256 {digest[:16]}… does not match the manifest ({sha256[:16]}…)")
-    index = np.load(path, allow_pickle=False)
+    index = np.load(io.BytesIO(data), allow_pickle=False)
     if index.dtype != INDEX_DTYPE or len(index) != count:
         raise ShardDamaged(f"{path}: shard index has {len(index)} rows of {index.dtype}, the manifest says {count}")
     return index
@@ -113,12 +115,6 @@ def _parse_tarfile(data: bytes, where: str) -> dict[str, Any]:
     return sample
 
 
-def _read_range(path: str, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
-
-
 def read_samples(path: str, index: np.ndarray, first: int = 0, count: int | None = None,
                  first_index: int = 0, check: bool = True) -> Iterator[dict[str, Any]]:
     """Samples ``first .. first + count - 1`` (positions in the shard) as raw webdataset dicts, each checked.
@@ -134,14 +130,14 @@ def read_samples(path: str, index: np.ndarray, first: int = 0, count: int | None
         while chunk_end < stop and index[chunk_end]["offset"] + index[chunk_end]["size"] - base <= CHUNK_BYTES:
             chunk_end += 1
         end = int(index[chunk_end - 1]["offset"] + index[chunk_end - 1]["size"])
-        data = _read_range(path, base, end)
+        data = read_range(path, base, end)
         for j in range(pos, chunk_end):
-            off, size, crc = int(index[j]["offset"]) - base, int(index[j]["size"]), int(index[j]["crc32c"])
-            raw = data[off : off + size]
+            off, n, crc = int(index[j]["offset"]) - base, int(index[j]["size"]), int(index[j]["crc32c"])
+            raw = data[off : off + n]
             where = f"{path}: sample {first_index + j:08d}"
-            if len(raw) < size:
-                raise ShardDamaged(f"{where}: the shard is truncated ({os.path.getsize(path)} bytes; "
-                                   f"the sample ends at byte {base + off + size})")
+            if len(raw) < n:
+                raise ShardDamaged(f"{where}: the shard is truncated ({size(path)} bytes; "
+                                   f"the sample ends at byte {base + off + n})")
             if check and google_crc32c.value(raw) != crc:
                 raise ShardDamaged(f"{where}: its bytes differ from what ingest wrote (CRC32C mismatch)")
             sample = _parse(raw, where)

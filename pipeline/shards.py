@@ -28,7 +28,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from PIL import Image
 
 from pipeline.config import Config, canonical_hash
 from pipeline.errors import DistillError
-from pipeline.files import atomic_write_json, sha256_file
+from pipeline.files import atomic_write_json, is_url, location, sha256_file, size
 from pipeline.shard_index import load_index, read_samples
 
 FORMAT = 2
@@ -94,8 +94,8 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
-    """The shards folder (absolute); not stored in the file."""
+    root: str
+    """The shards folder (an absolute local path, or a URL); not stored in the file."""
     format: int
     classes: list[str]
     num_classes: int
@@ -111,7 +111,7 @@ class Manifest:
             return self.splits[split]
         except KeyError:
             raise ShardError(
-                f"{self.root / MANIFEST_NAME}: no split {split!r} (has {sorted(self.splits)})"
+                f"{self.file(MANIFEST_NAME)}: no split {split!r} (has {sorted(self.splits)})"
             ) from None
 
     def count(self, split: str) -> int:
@@ -122,7 +122,11 @@ class Manifest:
 
     def shard_paths(self, split: str) -> list[str]:
         """Absolute paths of the split's shards, in index order."""
-        return [str(self.root / s.file) for s in self.split(split).shards]
+        return [self.file(s.file) for s in self.split(split).shards]
+
+    def file(self, name: str) -> str:
+        """A file of the shards folder (local path or URL)."""
+        return str(location(self.root) / name)
 
     def ranges(self, split: str) -> list[tuple[int, int]]:
         """``[start, end)`` index range of each shard, in order."""
@@ -134,7 +138,7 @@ class Manifest:
         for i, s in enumerate(self.split(split).shards):
             if s.file == name:
                 return i
-        raise ShardError(f"{path}: not a {split} shard of {self.root / MANIFEST_NAME}")
+        raise ShardError(f"{path}: not a {split} shard of {self.file(MANIFEST_NAME)}")
 
     @property
     def channels_hint(self) -> int:
@@ -157,56 +161,22 @@ class Manifest:
 
 
 def _body(m: Manifest) -> dict[str, Any]:
-    return {
-        "format": m.format,
-        "classes": list(m.classes),
-        "num_classes": m.num_classes,
-        "source": dict(m.source),
-        "splits": {
-            name: {
-                "count": sp.count,
-                "shards": [
-                    {
-                        "file": s.file,
-                        "start": s.start,
-                        "end": s.end,
-                        "count": s.count,
-                        "size": s.size,
-                        "sha256": s.sha256,
-                        "index": s.index,
-                        "index_sha256": s.index_sha256,
-                    }
-                    for s in sp.shards
-                ],
-                "skipped": [dict(x) for x in sp.skipped],
-            }
-            for name, sp in m.splits.items()
-        },
-        "image": dict(m.image),
-    }
+    splits = {name: {"count": sp.count, "shards": [asdict(s) for s in sp.shards],
+                     "skipped": [dict(x) for x in sp.skipped]} for name, sp in m.splits.items()}
+    return {"format": m.format, "classes": list(m.classes), "num_classes": m.num_classes, "source": dict(m.source),
+            "splits": splits, "image": dict(m.image)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading and writing the manifest
 
 
-def _from_dict(root: Path, d: dict[str, Any], where: Path) -> Manifest:
+def _from_dict(root: str, d: dict[str, Any], where: str) -> Manifest:
     try:
         splits = {}
         for name, sp in d["splits"].items():
-            shards = [
-                ShardInfo(
-                    str(s["file"]),
-                    int(s["start"]),
-                    int(s["end"]),
-                    int(s["count"]),
-                    int(s["size"]),
-                    str(s["sha256"]),
-                    str(s["index"]),
-                    str(s["index_sha256"]),
-                )
-                for s in sp["shards"]
-            ]
+            shards = [ShardInfo(str(s["file"]), int(s["start"]), int(s["end"]), int(s["count"]), int(s["size"]),
+                                str(s["sha256"]), str(s["index"]), str(s["index_sha256"])) for s in sp["shards"]]
             skipped = [{"path": str(x["path"]), "reason": str(x["reason"])} for x in sp.get("skipped", [])]
             splits[name] = SplitInfo(int(sp["count"]), shards, skipped)
         m = Manifest(
@@ -259,10 +229,14 @@ def run_manifest(shards_dir: Path | str, n_train_shards: int) -> Manifest:
     return load_manifest(shards_dir).first_train_shards(n_train_shards)
 
 
+def _root(shards_dir: Path | str) -> str:
+    return str(shards_dir) if is_url(shards_dir) else str(Path(str(shards_dir).removeprefix("file://")).absolute())
+
+
 def load_manifest(shards_dir: Path | str) -> Manifest:
     """Load and check ``<shards_dir>/manifest.json`` (format, ranges, fingerprint)."""
-    root = Path(shards_dir).absolute()
-    path = root / MANIFEST_NAME
+    root = _root(shards_dir)
+    path = location(root) / MANIFEST_NAME
     if not path.is_file():
         raise ShardError(f"{path}: shard manifest not found (run `distill ingest` first)")
     try:
@@ -274,7 +248,7 @@ def load_manifest(shards_dir: Path | str) -> Manifest:
     if d.get("format") != FORMAT:
         raise ShardError(f"{path}: manifest format {d.get('format')!r}, this code reads format {FORMAT}; "
                          "re-run `distill ingest` to rewrite the shards")
-    m = _from_dict(root, d, path)
+    m = _from_dict(root, d, str(path))
     expected = canonical_hash(_body(m))
     if m.fingerprint != expected:
         raise ShardError(
@@ -289,28 +263,33 @@ def write_manifest(shards_dir: Path | str, body: dict[str, Any]) -> Manifest:
 
     ``body`` is the manifest less its fingerprint (``format`` defaults to the current one).
     """
-    root = Path(shards_dir).absolute()
+    root = _root(shards_dir)
     body = {"format": FORMAT, **body}
     body.pop("fingerprint", None)
-    m = _from_dict(root, body, root / MANIFEST_NAME)
+    m = _from_dict(root, body, str(location(root) / MANIFEST_NAME))
     m = Manifest(**{**m.__dict__, "fingerprint": canonical_hash(_body(m))})
-    atomic_write_json(root / MANIFEST_NAME, m.to_dict(), ensure_ascii=False)
+    atomic_write_json(m.file(MANIFEST_NAME), m.to_dict(), ensure_ascii=False)
     return m
 
 
 def verify_shards(manifest: Manifest, split: str) -> None:
-    """Re-hash every shard file of the split; raises ShardError naming the first bad one."""
+    """Re-hash every shard file of the split (and its index); raises ShardError naming the first bad one."""
     for s, path in zip(manifest.shards(split), manifest.shard_paths(split), strict=True):
-        if not os.path.isfile(path):
-            raise ShardError(f"{path}: shard file missing")
-        size = os.path.getsize(path)
-        if size != s.size:
-            raise ShardError(f"{path}: size {size} bytes, manifest says {s.size}")
+        try:
+            n = size(path)
+        except FileNotFoundError:
+            raise ShardError(f"{path}: shard file missing") from None
+        if n != s.size:
+            raise ShardError(f"{path}: size {n} bytes, manifest says {s.size}")
         digest = sha256_file(path)
         if digest != s.sha256:
             raise ShardError(f"{path}: sha256 {digest} does not match the manifest ({s.sha256})")
-        index = str(manifest.root / s.index)
-        if not os.path.isfile(index) or sha256_file(index) != s.index_sha256:
+        index = manifest.file(s.index)
+        try:
+            ok = sha256_file(index) == s.index_sha256
+        except FileNotFoundError:
+            ok = False
+        if not ok:
             raise ShardError(f"{index}: shard index missing or not the one the manifest lists")
 
 
@@ -319,7 +298,7 @@ def shard_files_present(manifest: Manifest) -> bool:
     for split in manifest.splits:
         for s, path in zip(manifest.shards(split), manifest.shard_paths(split), strict=True):
             try:
-                if os.path.getsize(path) != s.size:
+                if size(path) != s.size:
                     return False
             except OSError:
                 return False
@@ -387,5 +366,5 @@ def shard_samples(manifest: Manifest, split: str, shard: int, first: int = 0,
     """Raw samples ``first ..`` (positions in the shard) of one shard, each checked against its index
     (see :mod:`pipeline.shard_index`); the whole shard by default."""
     info = manifest.shards(split)[shard]
-    index = load_index(str(manifest.root / info.index), info.index_sha256, info.count)
-    return read_samples(str(manifest.root / info.file), index, first, count, first_index=info.start)
+    index = load_index(manifest.file(info.index), info.index_sha256, info.count)
+    return read_samples(manifest.file(info.file), index, first, count, first_index=info.start)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import DistillError
+from pipeline.files import is_url, location
 
 GZIP_MAGIC = b"\x1f\x8b"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -207,10 +208,10 @@ def _idx_split(img_path: Path, lab_path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def read_idx_source(root: Path | None, class_names: list[str] | None = None) -> Source:
-    if root is None or not Path(root).is_dir():
+def read_idx_source(root: str | None, class_names: list[str] | None = None) -> Source:
+    if root is None or not location(root).is_dir():
         raise IngestError(f"{root}: data.root does not exist or is not a folder")
-    root = Path(root)
+    root = location(root)
     paths = {
         split: (_find_idx(root, prefix, "images"), _find_idx(root, prefix, "labels"))
         for split, prefix in IDX_PREFIX.items()
@@ -252,28 +253,33 @@ def _visible(name: str) -> bool:
 def _class_dirs(root: Path, what: str) -> list[str]:
     if not root.is_dir():
         raise IngestError(f"{root}: {what} does not exist or is not a folder")
-    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
+    names = sorted(e.name for e in root.iterdir() if _visible(e.name) and e.is_dir())
     if not names:
         raise IngestError(f"{root}: {what} holds no class folders")
     return names
 
 
 def _images_in(folder: Path) -> list[Path]:
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for f in filenames:
-            if _visible(f) and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
-                found.append(Path(dirpath) / f)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    """The images under a class folder, in sorted order (one listing on an object store)."""
+    if is_url(folder):
+        root = folder.path.rstrip("/") + "/"
+        rels = [p[len(root):] for p in folder.fs.find(folder.path) if p.startswith(root)]
+    else:
+        rels = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if _visible(d))
+            rels += [os.path.relpath(os.path.join(dirpath, f), folder).replace(os.sep, "/") for f in filenames]
+    keep = [r for r in rels if all(_visible(part) for part in r.split("/"))
+            and os.path.splitext(r)[1].lower() in IMAGE_SUFFIXES]
+    return [folder / r for r in sorted(keep)]
 
 
 def read_imagefolder_source(
-    train_root: Path | None, val_root: Path | None, class_names: list[str] | None = None
+    train_root: str | None, val_root: str | None, class_names: list[str] | None = None
 ) -> Source:
     if train_root is None or val_root is None:
         raise IngestError("data.train_root and data.val_root must both be set for an imagefolder source")
-    roots = {"train": Path(train_root), "val": Path(val_root)}
+    roots = {"train": location(train_root), "val": location(val_root)}
     classes = _class_dirs(roots["train"], "data.train_root")
     if class_names is not None and list(class_names) != classes:
         raise IngestError(
@@ -298,7 +304,7 @@ def read_imagefolder_source(
             if not files:
                 raise IngestError(f"{root / c}: empty class folder (no .jpg/.jpeg/.png files)")
             for p in files:
-                recs.append(Record(index[c], p.relative_to(root).as_posix(), partial(_file_loader, p)))
+                recs.append(Record(index[c], _relative(p, root), partial(_file_loader, p)))
         splits[split] = recs
         stats = _stat_inputs(root, [root / r.name for r in recs])
         inputs += [(f"{split}/{rel}", size, mtime) for rel, size, mtime in stats]
@@ -306,14 +312,21 @@ def read_imagefolder_source(
     return Source("imagefolder", sorted(inputs), lambda: loaded)
 
 
+def _relative(p: Path, root: Path) -> str:
+    return str(p)[len(str(root).rstrip("/")) + 1 :]
+
+
 def _stat_inputs(root: Path, files: list[Path]) -> list[tuple[str, int, int]]:
+    """(relative path, size, modification time in ns) of every input file: what tells a rerun that nothing
+    changed, without reading the images."""
     out = []
     for p in files:
         try:
             st = p.stat()
         except OSError as e:
             raise IngestError(f"{p}: cannot stat input file: {e.strerror or e}") from e
-        out.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+        mtime = getattr(st, "st_mtime_ns", None) or int(float(st.st_mtime) * 1e9)
+        out.append((_relative(p, root), int(st.st_size), int(mtime)))
     return sorted(out)
 
 

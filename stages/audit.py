@@ -16,6 +16,7 @@ from typing import Any
 import store
 from pipeline.audit_tables import audit_frames, store_plans
 from pipeline.config import Config
+from pipeline.files import location, use_storage_options
 from pipeline.shards import MANIFEST_NAME, open_shards, shard_name
 from stages.audit_report import write_report
 
@@ -26,7 +27,7 @@ def _manifest_info(cfg: Config) -> tuple[list[str] | None, list[str] | None, lis
     A missing manifest is not fatal (the store alone holds the figures): names fall back to class ids.
     A manifest that is there but broken is an error.
     """
-    if not (Path(cfg.data.shards) / MANIFEST_NAME).is_file():
+    if not (location(cfg.data.shards) / MANIFEST_NAME).is_file():
         return None, None, None, {}
     m = open_shards(cfg)
     return (
@@ -51,7 +52,8 @@ def run(
     The store must come from the shards in cfg.data.shards (same manifest fingerprint), else the class
     names would be wrong: ProvenanceMismatch. Only units marked done are audited.
     """
-    out = Path(output) if output is not None else Path(cfg.evaluate.output).parent / "audit"
+    use_storage_options(cfg.storage_options)
+    out = location(output) if output is not None else location(cfg.evaluate.output).parent / "audit"
     names, train_files, val_files, expected = _manifest_info(cfg)
     group = store.open_store(cfg.store.path, expected=expected or None)
     spec = store.spec_of(group)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.audit_tables import AuditTables
-from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location
 from pipeline.report import MISSING, markdown_table
 
 CSV_FILES = ("per_class.csv", "per_epoch.csv", "confusion.csv", "confused_pairs.csv", "suspects.csv")
@@ -194,8 +194,7 @@ def write_report(
     tables: AuditTables, names: Sequence[str], output: Path, *, top: int = 20, info: dict[str, Any] | None = None
 ) -> list[str]:
     """Write the CSVs, audit.md, audit.png and audit.json into ``output``; returns the file names."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = location(output)
     info = dict(info or {})
     _csv(tables.per_class, output / "per_class.csv", False)
     _csv(tables.per_epoch, output / "per_epoch.csv", False)

@@ -258,7 +258,9 @@ def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
 
     chosen = stage.student_names(students) if students else None
     stage.run(cfg, students=chosen, device=device)
-    click.echo((Path(cfg.evaluate.output) / "results.md").read_text())
+    from pipeline.files import location
+
+    click.echo((location(cfg.evaluate.output) / "results.md").read_text())
 
 
 @main.command()

@@ -21,7 +21,7 @@ from pipeline.checkpoint import load_student
 from pipeline.config import Config
 from pipeline.distributed import resolve_device
 from pipeline.evaluation import collect_logits, head_accuracies, throughput, topk_accuracy
-from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location, use_storage_options
 from pipeline.loading import make_loader, val_dataset
 from pipeline.models import load_teacher, resolve_teacher
 from pipeline.report import markdown_table
@@ -34,8 +34,8 @@ RESERVED_NAMES = ("teacher", "ground truth")
 def student_names(folders: Sequence[Path]) -> dict[str, Path]:
     """Name each student by its folder (``runs/student-hard`` -> ``hard``); names must be unique."""
     named: dict[str, Path] = {}
-    for folder in map(Path, folders):
-        name = folder.name.removeprefix("student-")
+    for folder in folders:
+        name = location(folder).name.removeprefix("student-")
         if name in RESERVED_NAMES or name in named:
             taken = "reserved" if name in RESERVED_NAMES else f"also the name of {named[name]}"
             raise StageError(f"student folder {folder}: its name {name!r} is {taken}; rename the folder")
@@ -114,6 +114,7 @@ def _student_row(cfg: Config, folder: Path, val: Any, example: torch.Tensor, dev
 
 def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "auto") -> dict[str, Any]:
     """Evaluate the teacher and every student; ``students`` maps a name to a student output folder."""
+    use_storage_options(cfg.storage_options)
     dev = resolve_device(device)
     students = students if students is not None else student_names(cfg.evaluate.students)
     manifest = open_shards(cfg)
@@ -130,7 +131,7 @@ def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "
 
     names = list(preds)
     disagreement = {a: {b: float((preds[a] != preds[b]).float().mean()) for b in names} for a in names}
-    out = Path(cfg.evaluate.output)
+    out = location(cfg.evaluate.output)
     metrics = {"val_samples": len(label), "models": models, "disagreement": disagreement}
     atomic_write_json(out / "metrics.json", metrics)
     _plot(models, out / "accuracy_vs_throughput.png")

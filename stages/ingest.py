@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.config import Config, canonical_hash
-from pipeline.files import sha256_file
+from pipeline.files import is_url, location, sha256_file, use_storage_options
 from pipeline.progress import progress_bar
 from pipeline.shard_index import build_index, index_name, write_index
 from pipeline.shards import (
@@ -153,16 +154,15 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _check_replaceable(out: Path) -> None:
-    """Refuse to delete a folder that does not look like a shards folder."""
-    if not out.exists() and not out.is_symlink():
+def _check_replaceable(out) -> None:
+    """Refuse to replace a folder (or an object-store prefix) that does not look like a shards folder."""
+    if not is_url(out) and not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir():
+    if not is_url(out) and not out.is_dir():
         raise IngestError(f"{out}: data.shards exists and is not a folder")
     ours = (MANIFEST_NAME, f".{MANIFEST_NAME}.")  # the manifest and its temporary file
-    foreign = sorted(
-        e.name for e in out.iterdir() if not (e.name.startswith(ours) or _SHARD_FILE.match(e.name))
-    )
+    names = [e.name for e in out.iterdir()] if not is_url(out) or out.exists() else []
+    foreign = sorted(n for n in names if not (n.startswith(ours) or _SHARD_FILE.match(n)))
     if foreign:
         raise IngestError(
             f"{out}: data.shards exists and holds files that are not shards ({', '.join(foreign[:5])}); "
@@ -182,10 +182,62 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def run(config: Config, *, progress: bool = True) -> Path:
-    """Ingest ``config.data`` into shards + manifest; returns the (absolute) shards folder."""
+def _upload(tmp: Path, out) -> None:
+    """Put a finished shards folder where the URL says: the old manifest goes first (so no manifest ever
+    lists shards that are being replaced), then every shard and index, the manifest last; shard files of an
+    earlier ingest that the new one does not list are removed."""
+    fs, root = out.fs, out.path.rstrip("/")
+    if fs.exists(f"{root}/{MANIFEST_NAME}"):
+        fs.rm_file(f"{root}/{MANIFEST_NAME}")
+    names = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST_NAME)
+    for name in names:
+        fs.put_file(str(tmp / name), f"{root}/{name}")
+    for old in ({e.name for e in out.iterdir()} if out.exists() else set()) - set(names) - {MANIFEST_NAME}:
+        if _SHARD_FILE.match(old):
+            fs.rm_file(f"{root}/{old}")
+    fs.put_file(str(tmp / MANIFEST_NAME), f"{root}/{MANIFEST_NAME}")
+
+
+def _write_all(tmp: Path, config: Config, source: Source, splits: dict[str, list[Record]], config_hash: str,
+               key: str, progress: bool) -> Manifest:
+    """Every split's shards, their indexes and the manifest, into the local folder ``tmp``."""
     data = config.data
-    out = Path(data.shards).absolute()
+    written = {
+        split: _write_split(tmp, split, recs, data.shard_size, data.allow_corrupt, progress)
+        for split, recs in splits.items()
+    }
+    roots = {"train": data.train_root, "val": data.val_root} if data.source == "imagefolder" else {}
+    for split, info in written.items():
+        if info["count"] == 0:
+            raise IngestError(f"{roots.get(split, data.root)}: no usable {split} samples")
+    return write_manifest(tmp, {
+        "classes": source.classes,
+        "num_classes": len(source.classes),
+        "source": {"kind": source.kind, "config_hash": config_hash, "input_key": key},
+        "splits": written,
+        "image": {"channels_hint": source.channels_hint},
+    })
+
+
+def _staging(out) -> Path:
+    """A fresh local folder to write into: a sibling of a local ``out`` (renamed into place when complete),
+    a temporary folder for a URL (uploaded when complete)."""
+    if is_url(out):
+        return Path(tempfile.mkdtemp(prefix="distill-ingest-"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def run(config: Config, *, progress: bool = True) -> Path:
+    """Ingest ``config.data`` into shards + manifest; returns the shards folder (absolute, or the URL)."""
+    use_storage_options(config.storage_options)
+    data = config.data
+    out = location(data.shards) if is_url(data.shards) else Path(str(data.shards)).absolute()
     t0 = time.perf_counter()
     source = read_source(data)
     config_hash = data_config_hash(config)
@@ -201,35 +253,12 @@ def run(config: Config, *, progress: bool = True) -> Path:
         split: shuffle_records(source.splits[split], config.seed, split, limit)
         for split, limit in (("train", data.train_limit), ("val", data.val_limit))
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _staging(out)
     try:
-        written = {
-            split: _write_split(tmp, split, recs, data.shard_size, data.allow_corrupt, progress)
-            for split, recs in splits.items()
-        }
-        roots = {"train": data.train_root, "val": data.val_root} if data.source == "imagefolder" else {}
-        for split, info in written.items():
-            if info["count"] == 0:
-                raise IngestError(f"{roots.get(split, data.root)}: no usable {split} samples")
-        manifest = write_manifest(
-            tmp,
-            {
-                "classes": source.classes,
-                "num_classes": len(source.classes),
-                "source": {"kind": source.kind, "config_hash": config_hash, "input_key": key},
-                "splits": written,
-                "image": {"channels_hint": source.channels_hint},
-            },
-        )
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = _write_all(tmp, config, source, splits, config_hash, key, progress)
+        _upload(tmp, out) if is_url(out) else _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone by now locally: renamed into place
 
     counts = " / ".join(f"{manifest.count(s)} {s}" for s in SPLITS)
     n_shards = sum(len(manifest.shards(s)) for s in SPLITS)

@@ -32,7 +32,7 @@ from pipeline import distributed
 from pipeline.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.config import Config, canonical_hash
 from pipeline.evaluation import collect_logits_many, head_accuracies
-from pipeline.files import atomic_write_json, atomic_write_text
+from pipeline.files import atomic_write_json, atomic_write_text, location, use_storage_options
 from pipeline.loading import make_loader, train_stream, val_dataset
 from pipeline.losses import (
     TeacherTargets,
@@ -210,7 +210,7 @@ def _batch(cfg: Config, world: int, ckpt: dict[str, Any] | None) -> int:
     return glob // world
 
 
-def _resume(tr: Trainer, ckpt: dict[str, Any], path: Path, identity: dict[str, Any], rank: int) -> tuple[int, list]:
+def _resume(tr: Trainer, ckpt: dict[str, Any], path: str, identity: dict[str, Any], rank: int) -> tuple[int, list]:
     """Load a checkpoint of this very run into ``tr``: (the first epoch to train, the history so far)."""
     if ckpt.get("run_hash") != canonical_hash(identity):
         raise StageError(
@@ -245,28 +245,27 @@ def run(
     A checkpoint from another configuration is refused unless ``restart``, so a mistyped override never
     overwrites a long run.
     """
+    use_storage_options(cfg.storage_options)
     env = distributed.setup(device)
     try:
-        return _run(cfg, env, progress, workers, teacher_mode, until_epoch, restart)
+        return location(_run(cfg, env, progress, workers, teacher_mode, until_epoch, restart))
     finally:
         distributed.teardown()
 
 
 def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | None, teacher_mode: str | None,
-         until_epoch: int | None, restart: bool) -> Path:
-    sc, out = cfg.student, Path(cfg.student.output)
+         until_epoch: int | None, restart: bool) -> str:
+    sc, out = cfg.student, str(cfg.student.output)
     mode, workers = teacher_mode or sc.teacher_mode, sc.workers if workers is None else workers
     manifest = open_shards(cfg)
     join, targets, teacher_id = _teacher(cfg, manifest, mode, env.device)
     identity = run_identity(cfg, manifest, mode, teacher_id)
-    ckpt = load_checkpoint(checkpoint_path(out)) if checkpoint_path(out).is_file() and not restart else None
+    ckpt = load_checkpoint(checkpoint_path(out)) if location(checkpoint_path(out)).is_file() and not restart else None
     batch = _batch(cfg, env.world, ckpt)
     tr = _trainer(cfg, env, manifest, batch, targets)
     start, history = _resume(tr, ckpt, checkpoint_path(out), identity, env.rank) if ckpt is not None else (0, [])
     if env.is_main and ckpt is not None:
         print(f"student: resuming {checkpoint_path(out)} after epoch {start} on {env.world} rank(s) x {batch}")
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     train, loader = train_stream(manifest, cfg.aug, cfg.seed, batch_size=batch, rank=env.rank, world=env.world,
                                  view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
                                  shuffle=sc.shuffle, workers=workers, join=join)
@@ -287,7 +286,7 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
     return out
 
 
-def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, out: Path, epoch: int,
+def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, out: str, epoch: int,
                   identity: dict[str, Any], history: list[dict[str, Any]], mode: str, num_classes: int,
                   batch: int) -> None:
     """Log the epoch, write the checkpoint (every rank's RNG state in it) and the metrics, then wait for all."""
@@ -321,14 +320,14 @@ def _gather_rng(env: distributed.DistEnv) -> Any:
     return gathered
 
 
-def _write_outputs(out: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+def _write_outputs(out: str, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=keys)
     w.writeheader()
     w.writerows(history)
-    atomic_write_text(out / "history.csv", text.getvalue())
-    atomic_write_json(out / "metrics.json", summary)
+    atomic_write_text(location(out) / "history.csv", text.getvalue())
+    atomic_write_json(location(out) / "metrics.json", summary)
 
 
 def _summary(cfg: Config, mode: str, history: list[dict[str, Any]]) -> dict[str, Any]:

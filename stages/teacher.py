@@ -19,6 +19,7 @@ from tqdm import tqdm
 import store
 from pipeline import distributed
 from pipeline.config import Config
+from pipeline.files import location, use_storage_options
 from pipeline.loading import ReplayDataset, make_loader
 from pipeline.models import load_teacher, resolve_teacher, teacher_forward
 from pipeline.progress import progress_bar
@@ -96,6 +97,7 @@ def run(
     device: str = "auto",
 ) -> Path:
     """Fill ``cfg.store.path`` with every unit not yet done (alone, or together with other processes)."""
+    use_storage_options(cfg.storage_options)
     env = distributed.setup(device)
     try:
         return _run(cfg, env, cfg.teacher.workers if workers is None else workers,
@@ -126,4 +128,4 @@ def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, p
     store.finalize(path)
     print(f"teacher: wrote {written} unit(s) on rank {env.rank} in {elapsed:.0f} s "
           f"({claims.taken_over} taken over from writers that stopped) -> {path}")
-    return Path(path)
+    return location(path)

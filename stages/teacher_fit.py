@@ -15,7 +15,7 @@ from timm.scheduler import CosineLRScheduler
 
 from pipeline import distributed
 from pipeline.config import Config, canonical_hash
-from pipeline.files import atomic_write_json, torch_load
+from pipeline.files import atomic_write_json, location, torch_load, use_storage_options
 from pipeline.loading import ReplayDataset, loader_batches, make_loader, val_dataset
 from pipeline.losses import soft_target_cross_entropy
 from pipeline.models import create_teacher, save_teacher_checkpoint
@@ -98,12 +98,13 @@ def _fit(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.
 
 def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool = False) -> Path:
     """Train ``cfg.teacher.model`` from scratch and save it to ``cfg.teacher.fit.output``."""
+    use_storage_options(cfg.storage_options)
     env = distributed.setup(device)
     if env.world > 1:
         raise StageError("teacher-fit runs in one process; start it without torchrun")
     fit = cfg.teacher.fit
     manifest = open_shards(cfg)
-    out = Path(fit.output)
+    out = location(fit.output)
     h = fit_hash(cfg, manifest)
     if not force and out.is_file() and _existing_hash(out) == h:
         print(f"teacher-fit: {out} is up to date (fit hash {h[:12]}), nothing to do")

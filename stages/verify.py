@@ -18,6 +18,7 @@ import store
 from pipeline.augment import train_transform
 from pipeline.config import Config
 from pipeline.distributed import resolve_device
+from pipeline.files import use_storage_options
 from pipeline.models import load_teacher, resolve_teacher, teacher_forward
 from pipeline.plan import check_plan, epoch_plan
 from pipeline.progress import progress_bar
@@ -80,6 +81,7 @@ def _picks(manifest: Manifest, good: set[tuple[int, int]], samples: int, seed: i
 
 def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", progress: bool = False) -> VerifyReport:
     """Check every unit, then re-run the teacher on ``samples`` random stored views and compare."""
+    use_storage_options(cfg.storage_options)
     dev = resolve_device(device)
     manifest = open_shards(cfg)
     cfg = resolve_teacher(cfg)

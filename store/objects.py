@@ -91,6 +91,7 @@ class Objects:
                         out[os.path.relpath(full, self.root).replace(os.sep, "/")] = os.path.getsize(full)
             return out
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        self.fs.invalidate_cache(base)
         found = self.fs.find(base, detail=True)
         return {p[len(root):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(root)}
 
@@ -103,6 +104,7 @@ class Objects:
             found = [os.path.relpath(os.path.join(d, f), self.root)
                      for d, _, files in os.walk(base) for f in files if not f.endswith(".tmp")]
             return sorted(p.replace(os.sep, "/") for p in found)
+        self.fs.invalidate_cache(base)  # other writers add records and claims: never list from a cache
         try:
             paths = self.fs.find(base)
         except FileNotFoundError:
@@ -123,8 +125,10 @@ def objects_at(url: str | os.PathLike[str], storage_options: dict[str, Any] | No
 def objects_of(group: Any) -> Objects:
     """The :class:`Objects` of the folder a zarr group's store lives in (local, fsspec or memory)."""
     st = group.store
-    if hasattr(st, "fs") and hasattr(st, "path"):  # zarr's FsspecStore
-        return Objects(st.path, st.fs)
+    if hasattr(st, "fs") and hasattr(st, "path"):  # zarr's FsspecStore: its filesystem is zarr's asynchronous one
+        opts = {k: v for k, v in st.fs.storage_options.items() if k not in ("asynchronous", "loop")}
+        fs = fsspec.filesystem(st.fs.protocol[0] if isinstance(st.fs.protocol, tuple) else st.fs.protocol, **opts)
+        return Objects(st.path, fs)
     return Objects(str(Path(st.root).absolute()))
 
 

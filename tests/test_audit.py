@@ -403,7 +403,7 @@ def test_run_refuses_a_store_from_other_shards(planted, tmp_path):
     m = load_manifest(planted.shards)
     spec = store.StoreSpec(C, E, K, tuple(m.ranges("train")), tuple(m.ranges("val")))
     store.create_store(tmp_path / "other.zarr", spec, {"manifest_fingerprint": "0" * 64, "num_classes": C})
-    other = planted.cfg.store.model_copy(update={"path": tmp_path / "other.zarr"})
+    other = planted.cfg.store.model_copy(update={"path": str(tmp_path / "other.zarr")})
     cfg = planted.cfg.model_copy(update={"store": other})
     with pytest.raises(store.ProvenanceMismatch, match="manifest_fingerprint"):
         audit.run(cfg, output=tmp_path / "out")

@@ -265,7 +265,7 @@ def test_bad_idx_input_is_an_error_naming_the_file(tmp_path, idx_root, breaker):
     cfg = idx_config(tmp_path, idx_root)
     with pytest.raises(IngestError, match=str(named).replace(".", r"\.")):
         ingest.run(cfg, progress=False)
-    assert not cfg.data.shards.exists()
+    assert not Path(cfg.data.shards).exists()
 
 
 def test_missing_idx_root_is_an_error_naming_it(tmp_path):
@@ -339,7 +339,7 @@ def test_bad_imagefolder_input_is_an_error_naming_the_path(tmp_path, imagefolder
     cfg = folder_config(tmp_path, imagefolder_roots)
     with pytest.raises(IngestError, match=str(named).replace(".", r"\.")):
         ingest.run(cfg, progress=False)
-    assert not cfg.data.shards.exists()
+    assert not Path(cfg.data.shards).exists()
     assert not list(tmp_path.glob("shards.*"))
 
 
@@ -384,7 +384,7 @@ def test_crash_mid_write_leaves_no_shards_folder(tmp_path, idx_root, monkeypatch
     _explode_after(monkeypatch, 13)
     with pytest.raises(Boom):
         ingest.run(cfg, progress=False)
-    assert not cfg.data.shards.exists()
+    assert not Path(cfg.data.shards).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no tmp folder left either
 
 

@@ -90,16 +90,16 @@ def write_dataset(root: Path, train: tuple[np.ndarray, np.ndarray], val: tuple[n
 
 def with_student(cfg: Config, **kw: Any) -> Config:
     if "output" in kw:
-        kw["output"] = Path(kw["output"])
+        kw["output"] = str(kw["output"])
     return cfg.model_copy(update={"student": cfg.student.model_copy(update=kw)})
 
 
 def with_teacher(cfg: Config, checkpoint: Path) -> Config:
-    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": Path(checkpoint)})})
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": str(checkpoint)})})
 
 
 def with_store(cfg: Config, path: Path) -> Config:
-    return cfg.model_copy(update={"store": cfg.store.model_copy(update={"path": Path(path)})})
+    return cfg.model_copy(update={"store": cfg.store.model_copy(update={"path": str(path)})})
 
 
 def write_yaml(cfg: Config, path: Path) -> Path:
@@ -259,7 +259,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(mixed, t
     whole = student_stage.run(with_student(base, output=tmp_path / "whole"), progress=False, device="cpu")
     cfg = with_student(base, output=tmp_path / "resumed")
     student_stage.run(cfg, progress=False, device="cpu", until_epoch=2)
-    stopped = torch.load(cfg.student.output / "checkpoint.pt", weights_only=False)
+    stopped = torch.load(Path(cfg.student.output) / "checkpoint.pt", weights_only=False)
     assert stopped["epoch"] == 1 and len(stopped["history"]) == 2
     resumed = student_stage.run(cfg, progress=False, device="cpu")
 
@@ -289,7 +289,7 @@ def test_two_process_torchrun_finishes_with_uneven_shards(mixed, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = cfg.student.output
+    out = Path(cfg.student.output)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
     metrics = json.loads((out / "metrics.json").read_text())

@@ -305,7 +305,7 @@ def test_teacher_fit_rerun_is_up_to_date_and_does_not_rewrite(base: Config, tmp_
     assert out.stat().st_mtime_ns == stat.st_mtime_ns and out.stat().st_ino == stat.st_ino
     # and the fitted checkpoint is what the teacher stage picks up without teacher.checkpoint
     resolved = resolve_teacher(cfg)
-    assert resolved.teacher.checkpoint == out
+    assert Path(resolved.teacher.checkpoint) == out
 
 
 def test_missing_teacher_raises_stage_error_naming_path(base: Config, tmp_path: Path):
