@@ -1,18 +1,19 @@
 """The audit's tables: pure functions from the store's pandas frames (``store.train_frame``,
-``store.val_frame``) to DataFrames, used by ``distill audit`` and by ``notebooks/audit.ipynb``.
+``store.val_frame``) and the per-image table (:mod:`pipeline.label_issues`) to DataFrames, used by
+``distill audit`` and by ``notebooks/audit.ipynb``.
 
 The student's distillation head learns the teacher's hard decision, so every sample where teacher
 and label differ pulls the two heads apart. On a Mixup/CutMix view the image blends two samples and
 the target is lam*y + (1-lam)*y_partner, so "teacher != label" there is not a disagreement with one
-truth. Figures over all train views count mixed views anyway (they are what the distillation head
-sees); the unmixed figures, the confusion table and the suspects use only views of kind "none", and
-val (the plain evaluation view, never mixed) gives the same comparison on held-out images.
+truth: the per-epoch table also gives the λ-weighted agreement (a view agrees with its sample's label
+with weight λ and with its partner's with weight 1 − λ). The confusion tables and the suspects use
+views that are never mixed: the clean pass (every ingested training image's evaluation view) and val.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +22,10 @@ import pandas as pd
 
 import store
 from pipeline.config import AugConfig
+from pipeline.label_issues import DEFAULT_RANKING, label_issue_order, planted_scores
 from pipeline.plan import epoch_plan
-from pipeline.shards import sample_key
 
 __all__ = [
-    "SUSPECT_COLUMNS",
     "store_plans",
     "AuditTables",
     "audit_frames",
@@ -33,7 +33,7 @@ __all__ = [
     "confusion",
     "per_class",
     "per_epoch",
-    "suspects",
+    "rank_images",
 ]
 
 
@@ -67,14 +67,19 @@ def _unmixed(df: pd.DataFrame) -> pd.Series:
 def per_epoch(train: pd.DataFrame) -> pd.DataFrame:
     """Disagreement per stored epoch: all views, unmixed views, and mixed views against the dominant label.
 
-    Counts and rates: mixed_dominant (its rate mixed_dominant_disagreement) counts mixed views whose
-    teacher differs from the label weighing >= 0.5 in the blend; mixed_outside (rate mixed_outside_pair)
-    those whose teacher is neither the sample's label nor its partner's. Column sums give the totals.
+    weighted_agreement: the mean over views of λ·[teacher = label] + (1 − λ)·[teacher = partner label] (λ = 1
+    unmixed), the share of each view's target that its teacher top-1 carries. Counts and rates:
+    mixed_dominant (its rate mixed_dominant_disagreement) counts mixed views whose teacher differs from the
+    label weighing >= 0.5 in the blend; mixed_outside (rate mixed_outside_pair) those whose teacher is
+    neither the sample's label nor its partner's. Column sums give the totals.
     """
     d = train["teacher"] != train["label"]
     un = _unmixed(train)
     mixed = ~un
     dom = (train["teacher"] != train["dominant"]).fillna(True).astype(bool)
+    lam = np.where(un, 1.0, train["lam"].to_numpy(dtype=np.float64))
+    with_partner = (train["teacher"] == train["partner_label"]).fillna(False).to_numpy(dtype=bool)
+    weighted = lam * (~d).to_numpy() + (1.0 - lam) * with_partner
     outside = (d & (train["teacher"] != train["partner_label"]).fillna(True)).astype(bool)
     g = pd.DataFrame(
         {
@@ -87,6 +92,7 @@ def per_epoch(train: pd.DataFrame) -> pd.DataFrame:
             "mixed_dominant": dom & mixed,
             "mixed_outside": outside & mixed,
             "p_teacher": train["p_teacher"].astype(float),
+            "weighted": weighted,
         }
     ).groupby("epoch", sort=True)
     counts = ["samples", "disagree", "unmixed_samples", "unmixed_disagree", "mixed_samples", "mixed_dominant",
@@ -96,6 +102,7 @@ def per_epoch(train: pd.DataFrame) -> pd.DataFrame:
     out.insert(5, "unmixed_disagreement", _rate(out["unmixed_disagree"], out["unmixed_samples"]))
     out["mixed_dominant_disagreement"] = _rate(out["mixed_dominant"], out["mixed_samples"])
     out["mixed_outside_pair"] = _rate(out["mixed_outside"], out["mixed_samples"])
+    out["weighted_agreement"] = g["weighted"].mean()
     out["mean_p_teacher"] = g["p_teacher"].mean()
     return out.reset_index()
 
@@ -108,15 +115,18 @@ def _class_counts(df: pd.DataFrame, mask: pd.Series, num_classes: int) -> tuple[
 
 
 def per_class(
-    train: pd.DataFrame, val: pd.DataFrame | None, names: Sequence[str]
+    train: pd.DataFrame, val: pd.DataFrame | None, names: Sequence[str], clean: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Disagreement per true class: train (all views), train unmixed, val. One row per class, all classes."""
+    """Disagreement per given class: train (all views), train unmixed, clean (every ingested train image's
+    evaluation view), val. One row per class, all classes."""
     c = len(names)
     out = pd.DataFrame({"class": np.arange(c), "name": list(names)})
     parts = [
         ("train", train, pd.Series(True, index=train.index)),
         ("unmixed", train, _unmixed(train)),
     ]
+    if clean is not None:
+        parts.append(("clean", clean, pd.Series(True, index=clean.index)))
     if val is not None:
         parts.append(("val", val, pd.Series(True, index=val.index)))
     for prefix, df, mask in parts:
@@ -167,71 +177,27 @@ def confused_pairs(conf: pd.DataFrame, names: Sequence[str], top: int) -> pd.Dat
     )
 
 
-SUSPECT_COLUMNS = (
-    "index", "key", "shard", "file", "label", "label_name", "teacher", "teacher_name",
-    "epochs_contradicted", "epochs_unmixed", "mean_p_teacher", "max_p_teacher", "mean_p_label",
-)  # fmt: skip
-_SUSPECT_DTYPES = {
-    **dict.fromkeys(("index", "shard", "label", "teacher", "epochs_contradicted", "epochs_unmixed"), "int64"),
-    **dict.fromkeys(("key", "file", "label_name", "teacher_name"), "object"),
-}
-
-
-def suspects(
-    df: pd.DataFrame, names: Sequence[str], threshold: float = 0.9, files: Sequence[str] | None = None
+def rank_images(
+    images: pd.DataFrame, *, ranking: str = DEFAULT_RANKING, threshold: float = 0.05,
+    probs: Callable[[], np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """Samples the teacher confidently contradicts on unmixed views: candidate label noise.
-
-    A view counts when its kind is none (val rows always), teacher != label and p_teacher >=
-    ``threshold``. Aggregated per sample over epochs: epochs_contradicted (views counted),
-    epochs_unmixed (unmixed views stored), the teacher class it chose most often, mean and max
-    p_teacher and mean p_label over the contradicting views. Sorted by mean_p_teacher, descending
-    (then more epochs first, then by index). ``files`` names each shard's file (``key`` is the
-    sample's WebDataset key).
-    """
-    un = _unmixed(df)
-    hit = df[un & (df["teacher"] != df["label"]) & (df["p_teacher"] >= threshold)]
-    if hit.empty:
-        return pd.DataFrame({c: pd.Series(dtype=_SUSPECT_DTYPES.get(c, "float64")) for c in SUSPECT_COLUMNS})
-    seen = df.loc[un, "index"].value_counts()
-    per = (
-        hit.groupby(["index", "teacher"], sort=False)
-        .agg(
-            n=("p_teacher", "size"),
-            p=("p_teacher", "mean"),
-            pmax=("p_teacher", "max"),
-            plab=("p_label", "mean"),
-            shard=("shard", "first"),
-            label=("label", "first"),
-        )
-        .reset_index()
-    )
-    per["p"] = per["p"].astype(float)
-    # the teacher class chosen most often per sample (ties: the more confident one)
-    best = per.sort_values(["index", "n", "p"], ascending=[True, False, False]).drop_duplicates("index")
-    tot = hit.groupby("index").agg(
-        epochs_contradicted=("p_teacher", "size"),
-        mean_p_teacher=("p_teacher", "mean"),
-        max_p_teacher=("p_teacher", "max"),
-        mean_p_label=("p_label", "mean"),
-    )
-    out = best.set_index("index")[["shard", "label", "teacher"]].join(tot).reset_index()
-    out["epochs_unmixed"] = out["index"].map(seen).astype("int64")
-    out["key"] = [sample_key(int(i)) for i in out["index"]]
-    out["file"] = [files[s] if files is not None else "" for s in out["shard"]]
-    out["label_name"] = [names[i] for i in out["label"]]
-    out["teacher_name"] = [names[i] for i in out["teacher"]]
-    for c in ("mean_p_teacher", "max_p_teacher", "mean_p_label"):
-        out[c] = out[c].astype(float)
-    out = out.sort_values(
-        ["mean_p_teacher", "epochs_contradicted", "index"], ascending=[False, False, True], kind="stable"
-    )
-    return out[list(SUSPECT_COLUMNS)].reset_index(drop=True).astype(_SUSPECT_DTYPES)
+    """The per-image table most suspect first under ``ranking``, with ``rank`` (1 = most suspect) and
+    ``suspect`` (the teacher gives the label less than ``threshold`` on the image's evaluation view)."""
+    order = label_issue_order(images, ranking, probs)
+    out = images.iloc[order].reset_index(drop=True)
+    out.insert(0, "rank", np.arange(1, len(out) + 1, dtype=np.int64))
+    out["suspect"] = out["p_label"] < threshold
+    return out
 
 
 @dataclass
 class AuditTables:
-    """Every table of an audit, and the headline figures (JSON-ready: NaN becomes None)."""
+    """Every table of an audit, and the headline figures (JSON-ready: NaN becomes None).
+
+    ``images``: every ingested training image, most suspect first (:func:`rank_images`); ``suspects``
+    its rows flagged suspect; ``planted``: each ranking's precision/recall against planted flips (empty
+    when the manifest records none).
+    """
 
     headline: dict[str, Any]
     per_epoch: pd.DataFrame
@@ -239,68 +205,99 @@ class AuditTables:
     confusion: pd.DataFrame
     confusion_val: pd.DataFrame | None
     confused_pairs: pd.DataFrame
+    images: pd.DataFrame
     suspects: pd.DataFrame
     suspects_val: pd.DataFrame | None
+    planted: pd.DataFrame
 
 
 def _num(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+def _pairs(conf: pd.DataFrame, conf_val: pd.DataFrame | None, names: list[str], top: int) -> pd.DataFrame:
+    pairs = confused_pairs(conf, names, top)
+    pairs.insert(0, "split", "clean")
+    if conf_val is None:
+        return pairs
+    pv = confused_pairs(conf_val, names, top)
+    pv.insert(0, "split", "val")
+    return pd.concat([pairs, pv], ignore_index=True)
+
+
+def _headline(train: pd.DataFrame, ep: pd.DataFrame, images: pd.DataFrame, val: pd.DataFrame | None,
+              names: list[str]) -> dict[str, Any]:
+    total, un = ep.sum(numeric_only=True), _unmixed(train)
+    n_mixed = int(total.get("mixed_samples", 0))
+    return {
+        "num_classes": len(names),
+        "epochs": sorted(int(e) for e in train["epoch"].unique()),
+        "train_samples": len(train),
+        "train_disagreement": _num(_rate(total.get("disagree", 0), len(train))),
+        "weighted_agreement": _num(float((ep["weighted_agreement"] * ep["samples"]).sum()) / len(train))
+        if len(train) else None,
+        "unmixed_samples": int(un.sum()),
+        "unmixed_disagreement": _num(_rate(total.get("unmixed_disagree", 0), int(un.sum()))),
+        "mixed_samples": n_mixed,
+        "mixed_dominant_disagreement": _num(_rate(total.get("mixed_dominant", 0), n_mixed)),
+        "mixed_outside_pair": _num(_rate(total.get("mixed_outside", 0), n_mixed)),
+        "images": len(images),
+        "clean_disagreement": _num(_rate(int((images["teacher"] != images["label"]).sum()), len(images))),
+        "val_samples": 0 if val is None else len(val),
+        "val_disagreement": None if val is None else _num(_rate((val["teacher"] != val["label"]).sum(), len(val))),
+    }
+
+
 def audit_frames(
     train: pd.DataFrame,
     val: pd.DataFrame | None,
+    images: pd.DataFrame,
     names: Sequence[str],
     *,
     top: int = 20,
-    threshold: float = 0.9,
-    train_files: Sequence[str] | None = None,
-    val_files: Sequence[str] | None = None,
+    threshold: float = 0.05,
+    ranking: str = DEFAULT_RANKING,
+    compare: Sequence[str] = (),
+    probs: Callable[[], np.ndarray] | None = None,
+    val_images: pd.DataFrame | None = None,
 ) -> AuditTables:
-    """All audit tables from a train frame and an optional val frame (see store.frames)."""
+    """All audit tables from a train frame, an optional val frame and the per-image tables of the clean pass
+    and of val (see :mod:`pipeline.label_issues`). ``compare``: further rankings scored against planted flips
+    beside ``ranking``; ``probs`` gives the clean pass's dense probabilities when a ranking needs them."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"audit: threshold must be in [0, 1], got {threshold}")
     if top < 1:
         raise ValueError(f"audit: top must be >= 1, got {top}")
     names = [str(n) for n in names]
     val = val if val is not None and len(val) else None
-    un = _unmixed(train)
     ep = per_epoch(train)
-    conf = confusion(train[un], names)
+    conf = confusion(images, names)
     conf_val = confusion(val, names) if val is not None else None
-    pairs = confused_pairs(conf, names, top)
-    pairs.insert(0, "split", "train_unmixed")
-    if conf_val is not None:
-        pv = confused_pairs(conf_val, names, top)
-        pv.insert(0, "split", "val")
-        pairs = pd.concat([pairs, pv], ignore_index=True)
-    sus = suspects(train, names, threshold, train_files)
-    sus_val = suspects(val, names, threshold, val_files) if val is not None else None
-    total = ep.sum(numeric_only=True)
-    n_mixed = int(total.get("mixed_samples", 0))
-    headline = {
-        "num_classes": len(names),
-        "epochs": sorted(int(e) for e in train["epoch"].unique()),
-        "train_samples": len(train),
-        "train_disagreement": _num(_rate(total.get("disagree", 0), len(train))),
-        "unmixed_samples": int(un.sum()),
-        "unmixed_disagreement": _num(_rate(total.get("unmixed_disagree", 0), int(un.sum()))),
-        "mixed_samples": n_mixed,
-        "mixed_dominant_disagreement": _num(_rate(total.get("mixed_dominant", 0), n_mixed)),
-        "mixed_outside_pair": _num(_rate(total.get("mixed_outside", 0), n_mixed)),
-        "val_samples": 0 if val is None else len(val),
-        "val_disagreement": None if val is None else _num(_rate((val["teacher"] != val["label"]).sum(), len(val))),
-        "threshold": float(threshold),
-        "suspects": len(sus),
-        "val_suspects": None if sus_val is None else len(sus_val),
-    }
+    memo: dict[str, np.ndarray] = {}
+    dense = None if probs is None else (lambda: memo.setdefault("p", probs()))  # read once, if at all
+    ranked = rank_images(images, ranking=ranking, threshold=threshold, probs=dense)
+    ranked_val = (rank_images(val_images, threshold=threshold)
+                  if val_images is not None and len(val_images) else None)
+    wanted = list(dict.fromkeys([ranking, *compare])) if images["planted"].any() else [ranking]
+    orders = {r: label_issue_order(images, r, dense) for r in wanted}
+    scores = planted_scores(images, orders)
+    headline = _headline(train, ep, images, val, names)
+    headline.update(ranking=ranking, threshold=float(threshold), suspects=int(ranked["suspect"].sum()),
+                    val_suspects=None if ranked_val is None else int(ranked_val["suspect"].sum()),
+                    planted=int(images["planted"].sum()))
+    if len(scores):
+        mine = scores[scores["ranking"] == ranking].iloc[0]
+        headline.update(planted_precision_at_n=float(mine["precision_at_n"]),
+                        planted_recall_at_2n=float(mine["recall_at_2n"]))
     return AuditTables(
         headline=headline,
         per_epoch=ep,
-        per_class=per_class(train, val, names),
+        per_class=per_class(train, val, names, images),
         confusion=conf,
         confusion_val=conf_val,
-        confused_pairs=pairs,
-        suspects=sus,
-        suspects_val=sus_val,
+        confused_pairs=_pairs(conf, conf_val, names, top),
+        images=ranked,
+        suspects=ranked[ranked["suspect"]].reset_index(drop=True),
+        suspects_val=None if ranked_val is None else ranked_val[ranked_val["suspect"]].reset_index(drop=True),
+        planted=scores,
     )

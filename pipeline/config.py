@@ -70,6 +70,9 @@ class DataConfig(Strict):
     """Teacher and student use only the first N train shards (a reproducible subset of the full ingest)."""
     allow_corrupt: bool = False
     """Skip unreadable images (counted and listed in the manifest) instead of stopping."""
+    label_noise: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Flip this seeded fraction of the training labels to another class, on purpose (recorded in the manifest):
+    to score the label audit on known errors."""
 
     @model_validator(mode="after")
     def _roots_for_source(self) -> DataConfig:

@@ -52,7 +52,8 @@ def loader_batches(
 class ReplayDataset(IterableDataset):
     """Streams whole (epoch, shard) units: rank r takes units[r::world], worker w of those [w::workers].
 
-    ``split="val"`` yields evaluation views (the epoch in each unit is ignored). ``shuffle`` > 0 adds
+    ``split="val"`` (or ``evaluation=True``, e.g. the teacher's clean pass over the train split) yields
+    evaluation views (the epoch in each unit is ignored). ``shuffle`` > 0 adds
     a seeded shuffle buffer of that many samples, seeded by ``order_epoch`` (default: the first
     unit's epoch); only the order changes, never a view. ``join``,
     called once per train unit with its plan (inside the worker), returns a function that maps each
@@ -72,11 +73,13 @@ class ReplayDataset(IterableDataset):
         shuffle: int = 0,
         join: Callable[[EpochPlan], Callable[[ReplaySample], Any]] | None = None,
         order_epoch: int | None = None,
+        evaluation: bool | None = None,
     ) -> None:
         self.manifest, self.aug, self.seed, self.split = manifest, aug, seed, split
         self.units = list(units)
         self.rank, self.world, self.shuffle, self.join = rank, world, shuffle, join
         self.order_epoch = order_epoch if order_epoch is not None else (self.units[0][0] if self.units else 0)
+        self.evaluation = split != "train" if evaluation is None else evaluation
 
     def my_units(self) -> list[tuple[int, int]]:
         info = get_worker_info()
@@ -87,7 +90,7 @@ class ReplayDataset(IterableDataset):
         paths = self.manifest.shard_paths(self.split)
         ranges = self.manifest.ranges(self.split)
         c = self.manifest.num_classes
-        if self.split == "train":
+        if not self.evaluation:
             transform = train_transform(self.aug)
             for epoch, shard in self.my_units():
                 start, end = ranges[shard]
@@ -101,7 +104,8 @@ class ReplayDataset(IterableDataset):
             transform = eval_transform(self.aug)
             for _, shard in self.my_units():
                 start, end = ranges[shard]
-                yield from eval_unit(shard_samples(self.manifest, "val", shard), transform, c, start, end, paths[shard])
+                yield from eval_unit(shard_samples(self.manifest, self.split, shard), transform, c, start, end,
+                                     paths[shard])
 
     def __iter__(self) -> Iterator[Any]:
         if self.shuffle <= 1:

@@ -290,6 +290,15 @@ def teacher_identity(cfg: TeacherConfig) -> str:
     return sha256_file(cfg.checkpoint) if cfg.checkpoint is not None else f"pretrained:{cfg.model}"
 
 
+def teacher_fit_samples(cfg: TeacherConfig) -> int | None:
+    """How many of the first ingested train images the teacher was fit on, when its checkpoint says
+    (``distill teacher-fit`` records it); None for hub weights or other files: the audit cannot tell."""
+    if cfg.checkpoint is None or cfg.pretrained:
+        return None
+    n = _read_checkpoint(str(cfg.checkpoint))[1].get("fit_samples")
+    return int(n) if isinstance(n, int) else None
+
+
 def resolve_teacher(cfg: Config) -> Config:
     """Without a checkpoint or hub weights, the teacher is the one ``distill teacher-fit`` wrote."""
     t = cfg.teacher

@@ -16,7 +16,7 @@ import numpy as np
 import store
 from pipeline.config import Config
 from pipeline.rng import STREAM_VERSION
-from pipeline.shards import Manifest
+from pipeline.shards import Manifest, load_manifest
 
 VERSIONED = ("torch", "timm", "zarr", "numcodecs", "webdataset", "numpy", "pillow")
 
@@ -32,19 +32,25 @@ def versions() -> dict[str, str]:
 
 
 def store_spec(cfg: Config, manifest: Manifest) -> store.StoreSpec:
+    """The store a run's teacher stage fills: its train shards (``data.train_shards`` of them), val, and the
+    clean pass over every ingested train shard."""
     return store.StoreSpec(
         num_classes=manifest.num_classes,
         epochs=cfg.teacher.epochs,
         topk=cfg.teacher.topk,
         train_ranges=tuple(manifest.ranges("train")),
         val_ranges=tuple(manifest.ranges("val")),
+        clean_ranges=tuple(load_manifest(cfg.data.shards).ranges("train")),
         codec=cfg.store.codec,
         level=cfg.store.level,
     )
 
 
-def store_provenance(cfg: Config, manifest: Manifest, teacher_sha256: str) -> dict[str, Any]:
-    """Identity of the targets a teacher run writes (see store.IDENTITY_FIELDS) plus informational keys."""
+def store_provenance(
+    cfg: Config, manifest: Manifest, teacher_sha256: str, fit_samples: int | None = None
+) -> dict[str, Any]:
+    """Identity of the targets a teacher run writes (see store.IDENTITY_FIELDS) plus informational keys
+    (``teacher_fit_samples``: the teacher was fit on the first N ingested train images, None if unknown)."""
     return {
         "teacher": cfg.teacher.model,
         "teacher_sha256": teacher_sha256,
@@ -57,6 +63,7 @@ def store_provenance(cfg: Config, manifest: Manifest, teacher_sha256: str) -> di
         "num_classes": manifest.num_classes,
         "manifest_fingerprint": manifest.fingerprint,
         "aug": cfg.aug.model_dump(mode="json"),
+        "teacher_fit_samples": fit_samples,
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -15,7 +15,8 @@ trailing newline, no timestamps) is::
      "source": {"kind": "idx"|"imagefolder", "config_hash": ..., "input_key": ...},
      "splits": {"train": {"count": N, "shards": [{"file", "start", "end", "count", "size", "sha256",
                                                   "index", "index_sha256"}],
-                          "skipped": [{"path", "reason"}]},
+                          "skipped": [{"path", "reason"}],
+                          "planted": [{"index", "true", "given"}]},   # only with data.label_noise
                 "val": {...}},
      "image": {"channels_hint": 1|3},
      "fingerprint": sha256 of the canonical JSON of everything else}
@@ -23,11 +24,12 @@ trailing newline, no timestamps) is::
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,8 @@ class SplitInfo:
     count: int
     shards: list[ShardInfo]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    planted: list[dict[str, int]] = field(default_factory=list)
+    """Labels flipped on purpose (``data.label_noise``): index, true label, the label given in the shards."""
 
 
 @dataclass(frozen=True)
@@ -155,14 +159,17 @@ class Manifest:
         if n >= len(train.shards):
             return self
         kept = train.shards[:n]
-        splits = {**self.splits, "train": SplitInfo(sum(s.count for s in kept), kept, train.skipped)}
+        n = sum(s.count for s in kept)
+        planted = [p for p in train.planted if p["index"] < n]
+        splits = {**self.splits, "train": SplitInfo(n, kept, train.skipped, planted)}
         fp = hashlib.sha256(f"{self.fingerprint}:train_shards={n}".encode()).hexdigest()
         return replace(self, splits=splits, fingerprint=fp)
 
 
 def _body(m: Manifest) -> dict[str, Any]:
     splits = {name: {"count": sp.count, "shards": [asdict(s) for s in sp.shards],
-                     "skipped": [dict(x) for x in sp.skipped]} for name, sp in m.splits.items()}
+                     "skipped": [dict(x) for x in sp.skipped], **({"planted": sp.planted} if sp.planted else {})}
+              for name, sp in m.splits.items()}
     return {"format": m.format, "classes": list(m.classes), "num_classes": m.num_classes, "source": dict(m.source),
             "splits": splits, "image": dict(m.image)}
 
@@ -178,7 +185,8 @@ def _from_dict(root: str, d: dict[str, Any], where: str) -> Manifest:
             shards = [ShardInfo(str(s["file"]), int(s["start"]), int(s["end"]), int(s["count"]), int(s["size"]),
                                 str(s["sha256"]), str(s["index"]), str(s["index_sha256"])) for s in sp["shards"]]
             skipped = [{"path": str(x["path"]), "reason": str(x["reason"])} for x in sp.get("skipped", [])]
-            splits[name] = SplitInfo(int(sp["count"]), shards, skipped)
+            planted = [{k: int(x[k]) for k in ("index", "true", "given")} for x in sp.get("planted", [])]
+            splits[name] = SplitInfo(int(sp["count"]), shards, skipped, planted)
         m = Manifest(
             root=root,
             format=int(d["format"]),
@@ -368,3 +376,18 @@ def shard_samples(manifest: Manifest, split: str, shard: int, first: int = 0,
     info = manifest.shards(split)[shard]
     index = load_index(manifest.file(info.index), info.index_sha256, info.count)
     return read_samples(manifest.file(info.file), index, first, count, first_index=info.start)
+
+
+def load_images(manifest: Manifest, split: str, indices: Sequence[int]) -> list[Image.Image]:
+    """The images of the given global indices of a split, in that order, each read by its byte range
+    (one sample, checked against the shard's index) and decoded."""
+    ranges = manifest.ranges(split)
+    starts = [a for a, _ in ranges]
+    out = []
+    for i in indices:
+        s = bisect.bisect_right(starts, int(i)) - 1
+        if s < 0 or not ranges[s][0] <= int(i) < ranges[s][1]:
+            raise ShardError(f"{manifest.file(MANIFEST_NAME)}: no {split} sample {i}")
+        sample = next(iter(shard_samples(manifest, split, s, int(i) - ranges[s][0], 1)))
+        out.append(decode_sample(sample)[2])
+    return out

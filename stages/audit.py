@@ -1,10 +1,12 @@
-"""``distill audit``: where the stored teacher disagrees with the labels, and which labels it doubts.
+"""``distill audit``: which training labels the teacher doubts, and where it disagrees with the labels.
 
-Reads the logit store (no model, no images) and reports those disagreements overall, per epoch, per
-class and as a confusion table, and lists the samples the teacher confidently contradicts on unmixed
-views: candidate label noise, each with its WebDataset key and shard file so it can be looked at.
-The tables are :mod:`pipeline.audit_tables`' (the notebook uses the same); rendering is
-:mod:`stages.audit_report`'s.
+Reads the logit store and the shard manifest (no model): the teacher's answer on every ingested
+training image's evaluation view (the store's clean pass) ranks the images whose label is probably
+wrong (``suspects.csv``, and a contact sheet of the first ones, ``suspects.png``); the stored
+augmented views and val give the disagreement per epoch, per class and as confusion tables. When
+the manifest records planted flips (``data.label_noise``) the report scores each ranking on them.
+The frames are :mod:`pipeline.audit_inputs`', the tables :mod:`pipeline.audit_tables`' (the notebook
+uses both); rendering is :mod:`stages.audit_report`'s.
 """
 
 from __future__ import annotations
@@ -13,29 +15,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 import store
-from pipeline.audit_tables import audit_frames, store_plans
+from pipeline.audit_inputs import AuditInputs, load_audit
+from pipeline.audit_tables import audit_frames
 from pipeline.config import Config
 from pipeline.files import location, use_storage_options
-from pipeline.shards import MANIFEST_NAME, open_shards, shard_name
+from pipeline.label_issues import DEFAULT_RANKING, available_rankings
+from pipeline.shards import load_images
 from stages.audit_report import write_report
 
+SHEET = 32
+"""Suspects on the contact sheet."""
 
-def _manifest_info(cfg: Config) -> tuple[list[str] | None, list[str] | None, list[str] | None, dict[str, Any]]:
-    """(class names, train shard files, val shard files, expected provenance) from the shard manifest.
 
-    A missing manifest is not fatal (the store alone holds the figures): names fall back to class ids.
-    A manifest that is there but broken is an error.
-    """
-    if not (location(cfg.data.shards) / MANIFEST_NAME).is_file():
-        return None, None, None, {}
-    m = open_shards(cfg)
-    return (
-        list(m.classes),
-        [s.file for s in m.shards("train")],
-        [s.file for s in m.shards("val")] if "val" in m.splits else None,
-        {"manifest_fingerprint": m.fingerprint, "num_classes": m.num_classes},
-    )
+def contact_sheet_rows(inputs: AuditInputs, suspects: pd.DataFrame, n: int = SHEET) -> tuple[pd.DataFrame, list]:
+    """The first ``n`` suspects and their images read from the shards (none without a manifest)."""
+    if inputs.manifest is None or suspects.empty:
+        return suspects.head(0), []
+    rows = suspects.head(n).copy()
+    names = inputs.names
+    rows["true_name"] = [names[int(t)] if not pd.isna(t) else "" for t in rows["true_label"]]
+    return rows, load_images(inputs.manifest, "train", rows["index"].tolist())
 
 
 def run(
@@ -43,44 +45,34 @@ def run(
     *,
     top: int = 20,
     output: Path | None = None,
-    threshold: float = 0.9,
+    threshold: float = 0.05,
     epochs: Sequence[int] | None = None,
+    ranking: str = DEFAULT_RANKING,
+    sheet: int = SHEET,
 ) -> dict[str, Any]:
     """Audit the logit store of ``cfg``; write the report into ``output`` (default runs/audit next to
     evaluate.output) and return the headline figures (also written to audit.json).
 
     The store must come from the shards in cfg.data.shards (same manifest fingerprint), else the class
-    names would be wrong: ProvenanceMismatch. Only units marked done are audited.
+    names would be wrong: ProvenanceMismatch. Stored views are audited where their units are done; the
+    clean pass must be complete (MissingUnit otherwise).
     """
     use_storage_options(cfg.storage_options)
     out = location(output) if output is not None else location(cfg.evaluate.output).parent / "audit"
-    names, train_files, val_files, expected = _manifest_info(cfg)
-    group = store.open_store(cfg.store.path, expected=expected or None)
-    spec = store.spec_of(group)
-    names_from_manifest = names is not None
-    if names is None:
-        names = [str(i) for i in range(spec.num_classes)]
-        train_files = [shard_name("train", s) for s in range(spec.n_shards)]
-        val_files = [shard_name("val", s) for s in range(spec.n_val_shards)]
-    if epochs is not None and any(not 0 <= e < spec.epochs for e in epochs):
-        raise store.StoreError(f"audit --epoch {sorted(epochs)}: {cfg.store.path} holds epochs 0..{spec.epochs - 1}")
-    train = store.train_frame(group, store_plans(group), classes=names, epochs=epochs)  # one row per stored view
-    val_note = "the store has no val split"
-    try:
-        val = store.val_frame(group, classes=names) if spec.n_val else None
-    except store.MissingUnit:
-        val, val_note = None, "val shards not all done in the store"
+    inputs = load_audit(cfg.store.path, cfg.data.shards, epochs=epochs)
     tables = audit_frames(
-        train, val, names, top=top, threshold=threshold, train_files=train_files, val_files=val_files
+        inputs.train, inputs.val, inputs.images, inputs.names, top=top, threshold=threshold, ranking=ranking,
+        compare=available_rankings(), probs=inputs.clean_probs, val_images=inputs.val_images,
     )
-    done = store.done_mask(group)
+    done = store.done_mask(inputs.group)
     info = {
         "store": str(cfg.store.path),
-        "names_from_manifest": names_from_manifest,
+        "names_from_manifest": inputs.manifest is not None,
         "units_done": int(done.sum()),
         "units_total": int(done.size),
-        "val_note": val_note,
+        "val_note": inputs.val_note,
     }
     tables.headline["output"] = str(out)
-    write_report(tables, names, out, top=top, info=info)
+    write_report(tables, inputs.names, out, top=top, info=info,
+                 sheet=contact_sheet_rows(inputs, tables.suspects, sheet) if sheet else None)
     return tables.headline

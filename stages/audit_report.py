@@ -1,4 +1,5 @@
-"""How ``distill audit`` renders its tables: CSV files, audit.md, audit.png and audit.json."""
+"""How ``distill audit`` renders its tables: CSV files, audit.md, audit.png, suspects.png (the contact
+sheet of the top suspects) and audit.json."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from pipeline.audit_tables import AuditTables
 from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location
 from pipeline.report import MISSING, markdown_table
 
-CSV_FILES = ("per_class.csv", "per_epoch.csv", "confusion.csv", "confused_pairs.csv", "suspects.csv")
+CSV_FILES = ("per_class.csv", "per_epoch.csv", "confusion.csv", "confused_pairs.csv", "images.csv.gz",
+             "suspects.csv")
+METRICS = {"suspects": "suspects", "clean_disagreement": "teacher_vs_label", "planted_recall_at_2n": "planted_recall"}
+"""audit.json's keys that go to metrics.json (which DVC compares across experiments), and their names there."""
+SHEET_COLUMNS = 8
+"""Images per row of the contact sheet."""
 MAX_TICK_CLASSES = 30
 """Above this many classes the heatmap drops its tick labels (they would overlap)."""
 MAX_TABLE_CLASSES = 50
@@ -22,7 +28,7 @@ MAX_TABLE_CLASSES = 50
 
 
 def _percent_cols(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if str(c).endswith(("disagreement", "share", "outside_pair"))]
+    return [c for c in df.columns if str(c).endswith(("disagreement", "agreement", "share", "outside_pair"))]
 
 
 def _pct(x: float | None) -> str:
@@ -31,7 +37,7 @@ def _pct(x: float | None) -> str:
 
 def _clean_split(pc: pd.DataFrame) -> str:
     """The column prefix of the cleanest split with samples: train unmixed, else val, else all train views."""
-    for p in ("unmixed", "val"):
+    for p in ("clean", "unmixed", "val"):
         if f"{p}_samples" in pc and pc[f"{p}_samples"].sum() > 0:
             return p
     return "train"
@@ -58,16 +64,13 @@ def _draw_png(tables: AuditTables, names: Sequence[str], out: io.BytesIO, top: i
     from matplotlib.figure import Figure
 
     c = len(names)
-    if tables.headline["unmixed_samples"] or tables.confusion_val is None:
-        conf, src = tables.confusion, "train, unmixed views"
-    else:
-        conf, src = tables.confusion_val, "val"
+    conf, src = tables.confusion, "every training image, evaluation view"
     m = conf.to_numpy().astype(float)
     share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     pc = _worst_classes(tables.per_class, top)
     series = [
         (p, lbl)
-        for p, lbl in (("unmixed", "train unmixed"), ("train", "train all views"), ("val", "val"))
+        for p, lbl in (("clean", "train, evaluation view"), ("train", "train, stored views"), ("val", "val"))
         if f"{p}_samples" in pc and tables.per_class[f"{p}_samples"].sum() > 0
     ]
     rows = len(pc)
@@ -97,42 +100,38 @@ def _draw_png(tables: AuditTables, names: Sequence[str], out: io.BytesIO, top: i
 
 def _md_header(tables: AuditTables, c: int, info: dict[str, Any]) -> list[str]:
     h = tables.headline
-    out = [
+    return [
         "# Teacher–label audit",
         "",
         f"- store: `{info['store']}`",
         f"- classes: {c}" + ("" if info["names_from_manifest"] else " (names not found: manifest missing, ids used)"),
         f"- train units done: {info['units_done']} of {info['units_total']}, epochs audited: {h['epochs']}",
         f"- train views: {h['train_samples']} ({h['unmixed_samples']} unmixed, {h['mixed_samples']} Mixup/CutMix)",
+        f"- training images audited (evaluation view, every ingested image): {h['images']}",
         f"- val samples: {h['val_samples']}" + ("" if h["val_samples"] else f" ({info.get('val_note', 'none')})"),
-        f"- confident contradiction threshold: p_teacher >= {h['threshold']}",
+        f"- suspect: the teacher gives the label less than {h['threshold']} on the evaluation view; "
+        f"ranked by `{h['ranking']}`",
         "",
         "## Headline",
         "",
         "| measure | value |",
         "|---|---:|",
-        f"| teacher != label, train, all views | {_pct(h['train_disagreement'])} |",
-        f"| teacher != label, train, unmixed views | {_pct(h['unmixed_disagreement'])} |",
-        f"| teacher != dominant label (weight >= 0.5), mixed views | {_pct(h['mixed_dominant_disagreement'])} |",
-        f"| teacher is neither label nor partner label, mixed views | {_pct(h['mixed_outside_pair'])} |",
+        f"| teacher != label, training images, evaluation view | {_pct(h['clean_disagreement'])} |",
         f"| teacher != label, val | {_pct(h['val_disagreement'])} |",
-        f"| suspects (train, unmixed, p_teacher >= {h['threshold']}) | {h['suspects']} |",
+        f"| λ-weighted agreement, stored train views | {_pct(h['weighted_agreement'])} |",
+        f"| teacher != label, stored train views (mixed ones count for their own label) | "
+        f"{_pct(h['train_disagreement'])} |",
+        f"| teacher != label, unmixed stored views | {_pct(h['unmixed_disagreement'])} |",
+        f"| suspects (training images) | {h['suspects']} |",
         f"| suspects (val) | {MISSING if h['val_suspects'] is None else h['val_suspects']} |",
         "",
         "**Mixed views.** On a Mixup/CutMix view the image blends two samples and the target is",
-        "lam·label + (1 − lam)·partner label, so the \"label\" of the view is ambiguous: a teacher that names the",
-        "partner's class is not wrong. The *all views* figures count such views anyway (they are what the",
-        "distillation head learns from); the unmixed figures, `confusion.csv`, the train confused pairs and",
-        "`suspects.csv` use only unmixed views (kind none), and val is never mixed.",
+        "λ·label + (1 − λ)·partner label, so a teacher that names the partner's class is not wrong. The",
+        "λ-weighted agreement credits a view's teacher top-1 with the weight of the label it names; the",
+        "suspects and confusion tables use each training image's evaluation view (no augmentation, never",
+        "mixed), which the teacher stage stores for every ingested image (the store's `clean` split).",
         "",
     ]
-    if not h["unmixed_samples"]:
-        out += [
-            "> This store has **no unmixed train views** (with `aug.mix_prob: 1` every view is mixed), so the",
-            "> unmixed figures, `confusion.csv` and `suspects.csv` are empty: val is the clean comparison here.",
-            "",
-        ]
-    return out
 
 
 def _md_tables(tables: AuditTables, c: int, top: int) -> list[str]:
@@ -146,35 +145,37 @@ def _md_tables(tables: AuditTables, c: int, top: int) -> list[str]:
     if tables.confused_pairs.empty:
         return out + ["No off-diagonal confusions.", ""]
     return out + [
-        "share: the pair's count over the label's samples of that split.",
+        "share: the pair's count over the label's samples of that split (clean: every training image's",
+        "evaluation view).",
         "",
         markdown_table(tables.confused_pairs, ["share"]),
     ]
 
 
+SUSPECT_SHOWN = ("rank", "index", "key", "file", "label_name", "teacher_name", "p_teacher", "p_label",
+                 "in_fit_subset", "views", "view_agreement")
+
+
 def _md_suspects(tables: AuditTables, top: int) -> list[str]:
     threshold, out = tables.headline["threshold"], []
-    for title, sus, split, csv in (
-        ("train, unmixed views", tables.suspects, "train", "suspects.csv"),
-        ("val", tables.suspects_val, "val", "suspects_val.csv"),
-    ):
+    for title, sus, csv in (("training images", tables.suspects, "suspects.csv"),
+                            ("val", tables.suspects_val, "suspects_val.csv")):
         if sus is None:
             continue
-        out += [f"## Suspected label noise ({title})", ""]
+        out += [f"## Suspected wrong labels ({title})", ""]
         if sus.empty:
-            out += [f"None: no {split} sample is contradicted with p_teacher >= {threshold}.", ""]
+            out += [f"None: the teacher gives every label at least {threshold}.", ""]
             continue
-        shown = sus.head(top)
         more = "" if len(sus) <= top else f" (first {top} of {len(sus)}; all in {csv})"
-        cols = [col for col in shown.columns if col not in ("shard",)]
-        if split == "val":
-            cols = [col for col in cols if col not in ("epochs_contradicted", "epochs_unmixed")]
-        out += [
-            f"The teacher names another class with p_teacher >= {threshold}{more}. "
-            "key is the WebDataset key in the shard file.",
-            "",
-            markdown_table(shown[cols]),
-        ]
+        cols = [col for col in SUSPECT_SHOWN if col in sus and (csv == "suspects.csv" or col not in
+                                                                ("in_fit_subset", "views", "view_agreement"))]
+        out += [f"Most suspect first{more}. key is the WebDataset key in the shard file.", "",
+                markdown_table(sus.head(top)[cols], ["view_agreement"])]
+    if len(tables.planted):
+        out += ["## Planted flips found", "",
+                f"The manifest records {tables.headline['planted']} labels flipped on purpose "
+                "(`data.label_noise`); each ranking's top N and 2N against them:", "",
+                markdown_table(tables.planted, [c for c in tables.planted if c.startswith(("precision", "recall"))])]
     return out
 
 
@@ -183,34 +184,83 @@ def markdown_report(tables: AuditTables, names: Sequence[str], top: int, info: d
     c = len(names)
     out = _md_header(tables, c, info) + _md_tables(tables, c, top) + _md_suspects(tables, top)
     out += ["## Files", "", *[f"- `{f}`" for f in info["files"]], "", "![audit](audit.png)", ""]
+    if "suspects.png" in info["files"] and tables.headline["suspects"]:
+        out += ["![top suspects](suspects.png)", ""]
     return "\n".join(out)
 
 
+def write_contact_sheet(rows: pd.DataFrame, images: Sequence[Any], path: Path, title: str) -> Path:
+    """A grid of images, each titled with its rank, index, given label and the teacher's label and probability
+    (a planted flip is marked with its true label)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    if n == 0:
+        title += ": none to show"
+    cols = min(SHEET_COLUMNS, max(n, 1))
+    nrows = max(1, -(-n // cols))
+    fig = Figure(figsize=(1.9 * cols, 2.3 * nrows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (_, r), img in zip(axes, rows.iterrows(), images, strict=False):
+        arr = np.asarray(img)
+        ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, interpolation="nearest")
+        text = (f"#{r['rank']} · {r['index']}\ngiven: {r['label_name']}\n"
+                f"teacher: {r['teacher_name']} {r['p_teacher']:.2f}")
+        planted = bool(r.get("planted", False))
+        if planted:
+            text += f"\n(planted; true {r['true_name']})"
+        ax.set_title(text, fontsize=7, color="tab:green" if planted else "black")
+    fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def _csv(df: pd.DataFrame, path: Path, index: bool) -> None:
-    atomic_write_text(path, df.to_csv(index=index))
+    """A CSV file, gzipped (reproducibly: no timestamp) when its name ends in .gz."""
+    if not path.name.endswith(".gz"):
+        atomic_write_text(path, df.to_csv(index=index))
+        return
+    buf = io.BytesIO()
+    df.to_csv(buf, index=index, compression={"method": "gzip", "mtime": 0})
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_report(
-    tables: AuditTables, names: Sequence[str], output: Path, *, top: int = 20, info: dict[str, Any] | None = None
+    tables: AuditTables, names: Sequence[str], output: Path, *, top: int = 20, info: dict[str, Any] | None = None,
+    sheet: tuple[pd.DataFrame, Sequence[Any]] | None = None,
 ) -> list[str]:
-    """Write the CSVs, audit.md, audit.png and audit.json into ``output``; returns the file names."""
+    """Write the CSVs, audit.md, audit.png, suspects.png (``sheet``: the rows and their images) and audit.json
+    into ``output``; returns the file names."""
     output = location(output)
     info = dict(info or {})
-    _csv(tables.per_class, output / "per_class.csv", False)
-    _csv(tables.per_epoch, output / "per_epoch.csv", False)
-    _csv(tables.confusion, output / "confusion.csv", True)
-    _csv(tables.confused_pairs, output / "confused_pairs.csv", False)
-    _csv(tables.suspects, output / "suspects.csv", False)
+    for name, df, index in (("per_class.csv", tables.per_class, False), ("per_epoch.csv", tables.per_epoch, False),
+                            ("confusion.csv", tables.confusion, True),
+                            ("confused_pairs.csv", tables.confused_pairs, False),
+                            ("images.csv.gz", tables.images, False), ("suspects.csv", tables.suspects, False)):
+        _csv(df, output / name, index)
     files = list(CSV_FILES)
-    if tables.confusion_val is not None:
-        _csv(tables.confusion_val, output / "confusion_val.csv", True)
-        files.append("confusion_val.csv")
-    if tables.suspects_val is not None:
-        _csv(tables.suspects_val, output / "suspects_val.csv", False)
-        files.append("suspects_val.csv")
-    files += ["audit.md", "audit.png", "audit.json"]
+    for name, df, index in (("confusion_val.csv", tables.confusion_val, True),
+                            ("suspects_val.csv", tables.suspects_val, False),
+                            ("planted.csv", tables.planted if len(tables.planted) else None, False)):
+        if df is not None:
+            _csv(df, output / name, index)
+            files.append(name)
+    files += ["audit.md", "audit.png"]
     write_png(tables, names, output / "audit.png", top=top)
+    if sheet is not None:
+        write_contact_sheet(sheet[0], sheet[1], output / "suspects.png",
+                            f"Top {len(sheet[1])} suspected wrong labels (teacher's evaluation view)")
+        files.append("suspects.png")
+    files += ["audit.json", "metrics.json"]
     info = {"store": "?", "names_from_manifest": True, "units_done": "?", "units_total": "?", **info, "files": files}
     atomic_write_text(output / "audit.md", markdown_report(tables, names, top, info))
     atomic_write_json(output / "audit.json", tables.headline)
+    h = tables.headline
+    atomic_write_json(output / "metrics.json", {name: h[k] for k, name in METRICS.items() if h.get(k) is not None})
     return files

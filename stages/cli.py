@@ -266,26 +266,38 @@ def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
 @main.command()
 @config_options
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Rows in the most-confused and suspect lists.")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
-              help="Teacher probability above which a contradicted label counts as a suspect.")
+              help="Rows in the most-confused and suspect lists of audit.md.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
+              help="A training image is a suspect when the teacher gives its label less than this probability "
+                   "on the image's evaluation view.")
+@click.option("--ranking", type=click.Choice(["p_label", "cleanlab"]), default="p_label", show_default=True,
+              help="Order of the suspects: the label's probability (lowest first), or confident learning's "
+                   "flags first (needs the cleanlab package). With planted flips both are scored.")
+@click.option("--sheet", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Suspects on the contact sheet suspects.png (0: none).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder (default: runs/audit beside evaluate.output).")
 @click.option("--epoch", "epochs", type=click.IntRange(min=0), multiple=True,
               help="Audit only these stored epochs (repeatable; default all). The train frame holds one row "
                    "per stored view, so at ImageNet scale audit a few epochs.")
 @friendly
-def audit(cfg: Config, top: int, threshold: float, output: Path | None, epochs: tuple[int, ...]) -> None:
-    """Teacher/label disagreement from the logit store: per class, per epoch, confusions, suspects.
+def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, output: Path | None,
+          epochs: tuple[int, ...]) -> None:
+    """Which training labels are probably wrong, and where the teacher disagrees with the labels.
 
-    Writes CSV tables, audit.md, audit.png and audit.json; notebooks/audit.ipynb walks through the
-    same analysis with pandas.
+    Ranks every ingested training image by the teacher's probability of its label on the image's
+    evaluation view (stored by `distill teacher`), and writes suspects.csv, images.csv.gz (every image),
+    the contact sheet suspects.png, per-class/per-epoch/confusion CSVs, audit.md, audit.png and audit.json.
+    With planted flips (data.label_noise) it prints each ranking's precision and recall on them.
+    notebooks/audit.ipynb walks through the same tables with pandas.
     """
     from stages import audit as stage
 
-    result = stage.run(cfg, top=top, output=output, threshold=threshold, epochs=list(epochs) or None)
+    result = stage.run(cfg, top=top, output=output, threshold=threshold, ranking=ranking, sheet=sheet,
+                       epochs=list(epochs) or None)
     click.echo(f"audit: {result['output']}")
-    for key in ("train_disagreement", "unmixed_disagreement", "val_disagreement", "suspects", "val_suspects"):
+    for key in ("clean_disagreement", "val_disagreement", "weighted_agreement", "suspects", "val_suspects",
+                "planted", "planted_precision_at_n", "planted_recall_at_2n"):
         if result.get(key) is not None:
             value = result[key]
             click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

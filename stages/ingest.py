@@ -47,6 +47,8 @@ __all__ = ["IngestError", "run", "shuffle_records", "input_key"]
 # Seed stream of each split: the permutation of split s is drawn from
 # default_rng(SeedSequence(seed, spawn_key=(SPLIT_STREAM[s],))).
 SPLIT_STREAM = {"train": 0, "val": 1}
+NOISE_STREAM = 2
+"""The seed stream of the planted label noise (data.label_noise)."""
 _SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)$")
 
 
@@ -84,40 +86,44 @@ def _current(out: Path, config_hash: str, key: str) -> Manifest | None:
     return m
 
 
-def _write_split(
-    tmp: Path, split: str, records: list[Record], shard_size: int, allow_corrupt: bool, progress: bool
-) -> dict[str, Any]:
+def _shard_entry(tmp: Path, split: str, n: int, start: int, end: int) -> dict[str, Any]:
+    """A finished shard's manifest entry; its offset index is written beside it."""
+    name = shard_name(split, n)
+    path, idx = tmp / name, tmp / index_name(name)
+    write_index(build_index(path), idx)
+    return {"file": name, "start": start, "end": end, "count": end - start, "size": path.stat().st_size,
+            "sha256": sha256_file(path), "index": idx.name, "index_sha256": sha256_file(idx)}
+
+
+def plant_label_noise(records: list[Record], fraction: float, seed: int, num_classes: int) -> dict[int, int]:
+    """Positions of a seeded ``fraction`` of the records, each with another class drawn for it."""
+    n = round(fraction * len(records))
+    if n == 0 or num_classes < 2:
+        return {}
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(NOISE_STREAM,)))
+    positions = rng.choice(len(records), size=n, replace=False)
+    shift = rng.integers(1, num_classes, size=n)
+    return {int(p): (records[p].label + int(d)) % num_classes for p, d in zip(positions, shift, strict=True)}
+
+
+def _write_split(tmp: Path, split: str, records: list[Record], shard_size: int, allow_corrupt: bool,
+                 progress: bool, flips: dict[int, int] | None = None) -> dict[str, Any]:
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    planted: list[dict[str, int]] = []
     state: dict[str, Any] = {"writer": None, "file": None, "start": 0}
-    index = 0
+    index, flips = 0, flips or {}
 
     def close_shard() -> None:
-        if state["writer"] is None:
-            return
-        state["writer"].close()
-        state["file"].close()
-        name = shard_name(split, len(shards))
-        path = tmp / name
-        idx = tmp / index_name(name)
-        write_index(build_index(path), idx)
-        shards.append(
-            {
-                "file": name,
-                "start": state["start"],
-                "end": index,
-                "count": index - state["start"],
-                "size": path.stat().st_size,
-                "sha256": sha256_file(path),
-                "index": idx.name,
-                "index_sha256": sha256_file(idx),
-            }
-        )
-        state["writer"] = state["file"] = None
+        if state["writer"] is not None:
+            state["writer"].close()
+            state["file"].close()
+            shards.append(_shard_entry(tmp, split, len(shards), state["start"], index))
+            state["writer"] = state["file"] = None
 
     with progress_bar(len(records), f"ingest {split}", "img", progress) as bar:
         try:
-            for rec in records:
+            for pos, rec in enumerate(records):
                 try:
                     ext, data = rec.load()
                 except CorruptImage as e:
@@ -131,7 +137,9 @@ def _write_split(
                     state["file"] = open(tmp / shard_name(split, len(shards)), "wb")  # noqa: SIM115
                     state["writer"] = wds.TarWriter(state["file"], encoder=False, mtime=0)
                     state["start"] = index
-                state["writer"].write(encode_sample(index, rec.label, ext, data))
+                if pos in flips:
+                    planted.append({"index": index, "true": rec.label, "given": flips[pos]})
+                state["writer"].write(encode_sample(index, flips.get(pos, rec.label), ext, data))
                 index += 1
                 bar.update(1)
             close_shard()
@@ -140,7 +148,7 @@ def _write_split(
                 with contextlib.suppress(Exception):
                     state["writer"].close()
                 state["file"].close()
-    return {"count": index, "shards": shards, "skipped": skipped}
+    return {"count": index, "shards": shards, "skipped": skipped, **({"planted": planted} if planted else {})}
 
 
 def _remove_stale(out: Path) -> None:
@@ -202,8 +210,9 @@ def _write_all(tmp: Path, config: Config, source: Source, splits: dict[str, list
                key: str, progress: bool) -> Manifest:
     """Every split's shards, their indexes and the manifest, into the local folder ``tmp``."""
     data = config.data
+    flips = {"train": plant_label_noise(splits["train"], data.label_noise, config.seed, len(source.classes))}
     written = {
-        split: _write_split(tmp, split, recs, data.shard_size, data.allow_corrupt, progress)
+        split: _write_split(tmp, split, recs, data.shard_size, data.allow_corrupt, progress, flips.get(split))
         for split, recs in splits.items()
     }
     roots = {"train": data.train_root, "val": data.val_root} if data.source == "imagefolder" else {}
@@ -270,4 +279,8 @@ def run(config: Config, *, progress: bool = True) -> Path:
         skipped = manifest.split(s).skipped
         if skipped:
             print(f"skipped {len(skipped)} corrupt {s} image(s), listed in {out / MANIFEST_NAME}")
+    planted = manifest.split("train").planted
+    if planted:
+        print(f"planted {len(planted)} wrong train labels on purpose (data.label_noise), listed in "
+              f"{out / MANIFEST_NAME}")
     return out

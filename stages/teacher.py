@@ -21,15 +21,15 @@ from pipeline import distributed
 from pipeline.config import Config
 from pipeline.files import location, use_storage_options
 from pipeline.loading import ReplayDataset, make_loader
-from pipeline.models import load_teacher, resolve_teacher, teacher_forward
+from pipeline.models import load_teacher, resolve_teacher, teacher_fit_samples, teacher_forward
 from pipeline.progress import progress_bar
 from pipeline.run_store import store_provenance, store_spec
-from pipeline.shards import Manifest, open_shards
+from pipeline.shards import Manifest, load_manifest, open_shards
 from stages.teacher_units import Collector, Unit, check_done, log_unit, pack_ready, pending
 
 
 def _images(manifest: Manifest, units: list[Unit]) -> int:
-    return sum(manifest.shards(split)[s].count for split, _, s in units)
+    return sum(manifest.shards("train" if split == "clean" else split)[s].count for split, _, s in units)
 
 
 def _claim_wave(claims: store.Claims, objs: store.Objects, todo: list[Unit], size: int, start: int) -> list[Unit]:
@@ -49,38 +49,49 @@ def _claim_wave(claims: store.Claims, objs: store.Objects, todo: list[Unit], siz
     return wave
 
 
+Costs = dict[str, list[float]]
+"""split -> [images, seconds] this process spent on it (the clean pass's cost is reported on its own)."""
+
+
 def _compute(cfg: Config, model, device: torch.device, group, manifest: Manifest, wave: list[Unit],
-             claims: store.Claims, batch_size: int, workers: int, bar: tqdm) -> None:
+             claims: store.Claims, batch_size: int, workers: int, bar: tqdm, costs: Costs) -> None:
     """Replay the wave's units, run the teacher on every view and write each unit as it completes."""
     k = store.spec_of(group).k
-    for split in ("train", "val"):
+    for split in ("train", "val", "clean"):
         units = [(e, s) for sp, e, s in wave if sp == split]
         if not units:
             continue
-        collector = Collector(group, manifest, split, k, claims, str(cfg.store.path))
-        for batch in make_loader(ReplayDataset(manifest, cfg.aug, cfg.seed, units, split=split), batch_size, workers):
+        t0, cost = time.perf_counter(), costs.setdefault(split, [0, 0.0])
+        source = manifest if split != "clean" else load_manifest(cfg.data.shards)  # every ingested train image
+        collector = Collector(group, source, split, k, claims, str(cfg.store.path))
+        ds = ReplayDataset(source, cfg.aug, cfg.seed, units, split="train" if split == "clean" else split,
+                           evaluation=split != "train")
+        for batch in make_loader(ds, batch_size, workers):
             logits = teacher_forward(model, batch.view, device).numpy()
             collector.add(batch.epoch.numpy(), batch.index.numpy(), logits, batch)
             bar.update(len(batch.index))
+            cost[0] += len(batch.index)
         collector.check_complete()
+        cost[1] += time.perf_counter() - t0
 
 
 def _fill(cfg: Config, model, env: distributed.DistEnv, group, manifest: Manifest, claims: store.Claims,
-          batch_size: int, workers: int, progress: bool) -> int:
+          batch_size: int, workers: int, progress: bool, costs: Costs) -> int:
     """Claim, compute and write units until none is left without a record, packing every stored epoch as it
     completes; returns the units this process wrote. Units and epochs other processes hold are waited for:
     their claims either end in a record or expire."""
     spec, objs = store.spec_of(group), store.objects_of(group)
     todo = pending(group, spec)
     wave_size, written = 2 * max(workers, 1), 0
-    with progress_bar(_images(manifest, todo), f"teacher {cfg.teacher.model}", "im", progress) as bar:
+    with progress_bar(_images(load_manifest(cfg.data.shards), todo), f"teacher {cfg.teacher.model}", "im",
+                      progress) as bar:
         while True:
             packed = pack_ready(group, claims)
             if not todo and not store.unpacked_complete(group):
                 break
             wave = _claim_wave(claims, objs, todo, wave_size, env.rank * len(todo) // env.world) if todo else []
             if wave:
-                _compute(cfg, model, env.device, group, manifest, wave, claims, batch_size, workers, bar)
+                _compute(cfg, model, env.device, group, manifest, wave, claims, batch_size, workers, bar, costs)
                 written += len(wave)
             elif not packed:  # everything left is another process's, for now
                 time.sleep(min(2.0, claims.ttl / 4))
@@ -114,18 +125,20 @@ def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, p
     if env.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     path = cfg.store.path
-    group = store.create_store(path, store_spec(cfg, manifest), store_provenance(cfg, manifest, sha))
+    prov = store_provenance(cfg, manifest, sha, teacher_fit_samples(cfg.teacher))
+    group = store.create_store(path, store_spec(cfg, manifest), prov)
     spec = store.spec_of(group)
     store.tidy(group)
     check_done(group, spec, env.rank, env.world, progress)
-    done = int(store.done_mask(group).sum() + store.val_done_mask(group).sum())
+    done = int(store.done_mask(group).sum() + sum(store.val_done_mask(group, s).sum() for s in store.VIEW_SPLITS))
     if env.is_main and done:
         print(f"teacher: {done} unit(s) already done in {path}, skipping them")
-    t0 = time.perf_counter()
+    t0, costs = time.perf_counter(), {}
     with store.Claims(store.objects_of(group), ttl=cfg.teacher.claim_ttl) as claims:
-        written = _fill(cfg, model, env, group, manifest, claims, batch_size, workers, progress)
+        written = _fill(cfg, model, env, group, manifest, claims, batch_size, workers, progress, costs)
     elapsed = time.perf_counter() - t0
     store.finalize(path)
+    parts = ", ".join(f"{sp} {int(n)} images in {sec:.1f} s" for sp, (n, sec) in costs.items())
     print(f"teacher: wrote {written} unit(s) on rank {env.rank} in {elapsed:.0f} s "
-          f"({claims.taken_over} taken over from writers that stopped) -> {path}")
+          f"({claims.taken_over} taken over from writers that stopped) -> {path}" + (f"; {parts}" if parts else ""))
     return location(path)

@@ -125,6 +125,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
         "fit_hash": h,
         "val_top1": top1,
         "epochs": fit.epochs,
+        "fit_samples": manifest.count("train"),  # the first N ingested train images: the audit marks them
         "seconds": round(elapsed, 1),
     }
     model.cpu()

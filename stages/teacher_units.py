@@ -60,7 +60,7 @@ class Collector:
 
     def __init__(self, group, manifest: Manifest, split: str, k: int, claims: store.Claims, path: str) -> None:
         self.group, self.split, self.k, self.claims, self.path = group, split, k, claims, path
-        self.ranges = manifest.ranges(split)
+        self.ranges = manifest.ranges("train" if split == "clean" else split)  # the clean pass: train images
         self.starts = np.array([a for a, _ in self.ranges])
         self.num_classes = manifest.num_classes
         self.open: dict[tuple[int, int], _UnitBuffer] = {}
@@ -97,7 +97,7 @@ class Collector:
             if self.split == "train":
                 store.write_train_unit(self.group, epoch, shard, plan=(buf.partner, buf.kind, buf.lam), **targets)
             else:
-                store.write_val_unit(self.group, shard, **targets)
+                store.write_val_unit(self.group, shard, split=self.split, **targets)
         except OSError as e:  # disk full, permission denied, a read-only store
             raise StageError(f"logit store {self.path}: cannot write {self.split} unit (epoch {epoch}, shard "
                              f"{shard}): {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from e
@@ -113,23 +113,24 @@ class Collector:
 
 def pending(group, spec: store.StoreSpec) -> list[Unit]:
     """Every unit without a done record: train units by epoch then shard, then val (two listings)."""
-    done, vdone = store.done_mask(group), store.val_done_mask(group)
+    done = store.done_mask(group)
+    views = {split: store.val_done_mask(group, split) for split in ("val", "clean")}
     return ([("train", e, s) for e in range(spec.epochs) for s in range(spec.n_shards) if not done[e, s]]
-            + [("val", 0, s) for s in range(spec.n_val_shards) if not vdone[s]])
+            + [(split, 0, s) for split, d in views.items() for s in np.flatnonzero(~d).tolist()])
 
 
 def check_done(group, spec: store.StoreSpec, rank: int, world: int, progress: bool) -> list[Unit]:
     """Read back every done unit (this rank's share) and make each damaged one not done, so it is computed
     again: a staged unit loses its record; a packed epoch goes back to staged units, all but the damaged;
     returns the damaged units."""
-    done, vdone = store.done_mask(group), store.val_done_mask(group)
-    units = [("train", int(e), int(s)) for e, s in np.argwhere(done)]
-    units += [("val", 0, int(s)) for s in np.flatnonzero(vdone)]
+    units = [("train", int(e), int(s)) for e, s in np.argwhere(store.done_mask(group))]
+    for split in ("val", "clean"):
+        units += [(split, 0, int(s)) for s in np.flatnonzero(store.val_done_mask(group, split))]
     mine, damaged = units[rank::world], []
     with progress_bar(len(mine), "teacher: checking done units", "unit", progress and len(mine) > 0) as bar:
         for split, e, s in mine:
             try:
-                store.read_train_unit(group, e, s) if split == "train" else store.read_val_unit(group, s)
+                store.read_train_unit(group, e, s) if split == "train" else store.read_val_unit(group, s, split)
             except store.DamagedUnit as err:
                 print(f"teacher: {err}; computing it again")
                 damaged.append((split, e, s))

@@ -8,7 +8,7 @@ against the done record its writer left (``store.records``); writers coordinate 
 from store.claims import Claims
 from store.create import create_store, finalize, open_store
 from store.describe import describe
-from store.frames import train_frame, val_frame
+from store.frames import split_probs, train_frame, val_frame
 from store.layout import (
     CODECS,
     FORMAT,
@@ -16,6 +16,7 @@ from store.layout import (
     KIND_MIXUP,
     KIND_NAMES,
     KIND_NONE,
+    VIEW_SPLITS,
     StoreSpec,
     array_layout,
     finished_objects,
@@ -62,6 +63,7 @@ __all__ = [
     "StoreError",
     "StoreSpec",
     "TrainUnit",
+    "VIEW_SPLITS",
     "ValUnit",
     "array_layout",
     "create_store",
@@ -78,6 +80,7 @@ __all__ = [
     "read_val",
     "read_val_unit",
     "spec_of",
+    "split_probs",
     "finished_objects",
     "object_stats",
     "stored_probs",

@@ -18,12 +18,9 @@ import numpy as np
 import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from store.layout import FORMAT, StoreSpec, array_layout, codecs_for, no_data, validate_spec
+from store.layout import FORMAT, SPEC_IDENTITY, StoreSpec, array_layout, codecs_for, no_data, validate_spec
 from store.objects import objects_at
 from store.provenance import IDENTITY_FIELDS, StoreError, check_identity, differences, mismatch_error, normalize
-
-SPEC_IDENTITY = ("num_classes", "epochs", "topk", "train_ranges", "val_ranges")
-"""Spec fields that must match on reopen; codec and level only change how bytes are stored."""
 
 
 def is_local(path: str | Path) -> bool:

@@ -27,9 +27,9 @@ from store.layout import KIND_NAMES, KIND_NONE, spec_of
 from store.provenance import StoreError
 from store.reader import done_mask, read_train_unit, read_val
 from store.records import plan_digest
-from store.targets import stored_probs, tail_mass
+from store.targets import dense_soft_target, stored_probs, tail_mass
 
-__all__ = ["train_frame", "val_frame"]
+__all__ = ["split_probs", "train_frame", "val_frame"]
 
 
 
@@ -154,18 +154,19 @@ def train_frame(
     return _add_names(df, names)
 
 
-def val_frame(group: zarr.Group, *, classes: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per val sample (the plain evaluation view, never mixed).
+def val_frame(group: zarr.Group, *, classes: Sequence[str] | None = None, split: str = "val") -> pd.DataFrame:
+    """One row per image of a split of evaluation views (never mixed): ``val``, or ``clean``, the teacher's
+    pass over every ingested training image.
 
     Columns: index, shard, label, teacher, p_teacher, p_label, label_in_topk, margin; with ``classes``
-    also label_name and teacher_name. Raises MissingUnit when a val shard is not done (val is read
+    also label_name and teacher_name. Raises MissingUnit when a shard of the split is not done (it is read
     whole, as :func:`store.read_val` does).
     """
     spec = spec_of(group)
     names = _check_classes(classes, spec.num_classes)
-    v = read_val(group)
+    v = read_val(group, split)
     index = np.arange(v.start, v.end, dtype=np.int64)
-    ends = np.array([b for _, b in spec.val_ranges], dtype=np.int64)
+    ends = np.array([b for _, b in spec.view_ranges(split)], dtype=np.int64)
     df = pd.DataFrame(
         {
             "index": index,
@@ -175,3 +176,11 @@ def val_frame(group: zarr.Group, *, classes: Sequence[str] | None = None) -> pd.
         }
     )
     return _add_names(df, names)
+
+
+def split_probs(group: zarr.Group, split: str = "clean") -> np.ndarray:
+    """(N, C) the teacher's probabilities on a split of evaluation views (``clean``: every ingested training
+    image; ``val``): exact for the stored classes, the tail spread evenly over the rest (as
+    ``dense_soft_target`` at tau 1). Dense: at ImageNet scale (1.28 M x 1000) that is 5 GB of float32."""
+    v = read_val(group, split)
+    return dense_soft_target(v.topk_logits, v.topk_classes, v.logsumexp, spec_of(group).num_classes)

@@ -35,7 +35,7 @@ KIND_NAMES: tuple[str, ...] = ("none", "mixup", "cutmix")
 CODEC_LEVELS: dict[str, tuple[int, int]] = {"zstd": (0, 22), "blosc-lz4": (0, 9), "gzip": (0, 9), "none": (0, 22)}
 """Each codec the store can use, with its range of compression levels."""
 CODECS = tuple(CODEC_LEVELS)
-SPEC_IDENTITY = ("num_classes", "epochs", "topk", "train_ranges", "val_ranges")
+SPEC_IDENTITY = ("num_classes", "epochs", "topk", "train_ranges", "val_ranges", "clean_ranges")
 """Spec fields that must match on reopen; codec and level only change how bytes are stored."""
 
 
@@ -53,6 +53,9 @@ class StoreSpec:
     topk: int
     train_ranges: tuple[tuple[int, int], ...]
     val_ranges: tuple[tuple[int, int], ...]
+    clean_ranges: tuple[tuple[int, int], ...] = ()
+    """The clean pass: every *ingested* training image's evaluation view (all train shards, also those a
+    ``data.train_shards`` run leaves out), labelled once for the label audit."""
     codec: str = "zstd"
     level: int = 3
 
@@ -60,6 +63,7 @@ class StoreSpec:
         # Accept lists (e.g. from JSON) but store tuples, so specs compare and hash alike.
         object.__setattr__(self, "train_ranges", tuple((int(a), int(b)) for a, b in self.train_ranges))
         object.__setattr__(self, "val_ranges", tuple((int(a), int(b)) for a, b in self.val_ranges))
+        object.__setattr__(self, "clean_ranges", tuple((int(a), int(b)) for a, b in self.clean_ranges))
         validate_spec(self)
 
     @property
@@ -98,6 +102,10 @@ class StoreSpec:
     @property
     def label_dtype(self) -> np.dtype:
         return label_dtype(self.num_classes)
+
+    def view_ranges(self, split: str) -> tuple[tuple[int, int], ...]:
+        """The shard ranges of a split of evaluation views: ``val`` or ``clean``."""
+        return {"val": self.val_ranges, "clean": self.clean_ranges}[split]
 
     def to_dict(self) -> dict[str, Any]:
         return normalize(asdict(self))
@@ -144,6 +152,7 @@ def validate_spec(spec: StoreSpec) -> None:
         raise ValueError(f"StoreSpec.level for codec {spec.codec!r} must be in [{lo}, {hi}], got {spec.level}")
     _check_ranges("train_ranges", spec.train_ranges, allow_empty=False)
     _check_ranges("val_ranges", spec.val_ranges, allow_empty=True)
+    _check_ranges("clean_ranges", spec.clean_ranges, allow_empty=True)
 
 
 @dataclass(frozen=True)
@@ -193,13 +202,14 @@ TRAIN_TARGETS = ("topk_logits", "topk_classes", "logsumexp")
 logits, by construction), and the mix plan is a pure function of (seed, epoch, shard): the unit's record
 keeps its digest."""
 VAL_TARGETS = ("topk_logits", "topk_classes", "logsumexp", "label")
+VIEW_SPLITS = ("val", "clean")
+"""Splits of evaluation views (no augmentation, no epoch): one unit per shard, not packed."""
 
 
 def array_layout(spec: StoreSpec) -> dict[str, ArraySpec]:
     """Every array of the store. Float16 logits are stored as their bits (uint16), so a delta filter codes
     them without loss; fill values: :func:`no_data`."""
     E, N, k, s, S = spec.epochs, spec.n_train, spec.k, spec.shard_size, spec.n_shards
-    Nv, vs = spec.n_val, spec.val_shard_size
     lab, bits, f32 = spec.label_dtype, np.dtype(np.uint16), np.dtype(np.float32)
     per_epoch = {
         "topk_logits": ((E, N, k), (1, s, k), bits, "logits"),
@@ -212,10 +222,13 @@ def array_layout(spec: StoreSpec) -> dict[str, ArraySpec]:
         shards = (1, S * s) + chunks[2:]
         out[f"train/{name}"] = ArraySpec(shape, chunks, dtype, shards, holds)
     out["train/label"] = ArraySpec((N,), (s,), lab, None, "classes")
-    out["val/topk_logits"] = ArraySpec((Nv, k), (vs, k), bits, None, "logits")
-    out["val/topk_classes"] = ArraySpec((Nv, k), (vs, k), lab, None, "classes")
-    out["val/logsumexp"] = ArraySpec((Nv,), (vs,), f32, None, "values")
-    out["val/label"] = ArraySpec((Nv,), (vs,), lab, None, "classes")
+    for split in VIEW_SPLITS:
+        ranges = spec.view_ranges(split)
+        n, size = (ranges[-1][1] if ranges else 0), max((b - a for a, b in ranges), default=1)
+        out[f"{split}/topk_logits"] = ArraySpec((n, k), (size, k), bits, None, "logits")
+        out[f"{split}/topk_classes"] = ArraySpec((n, k), (size, k), lab, None, "classes")
+        out[f"{split}/logsumexp"] = ArraySpec((n,), (size,), f32, None, "values")
+        out[f"{split}/label"] = ArraySpec((n,), (size,), lab, None, "classes")
     return out
 
 
@@ -231,10 +244,10 @@ def spec_of(group: zarr.Group) -> StoreSpec:
 
 def finished_objects(spec: StoreSpec) -> int:
     """Objects of a finished store (every epoch packed, no claims left): the figure object stores, inode quotas
-    and DVC care about. Metadata (the root, 4 groups, every array), one object per packed array and epoch,
-    the label chunks, the val chunks, and the done records (one per packed epoch, one per val shard)."""
-    packed = sum(1 for name, a in array_layout(spec).items() if a.shards is not None)
-    val_arrays = sum(1 for name in array_layout(spec) if name.startswith("val/"))
-    metadata = 1 + 4 + len(array_layout(spec))
-    return (metadata + packed * spec.epochs + spec.n_shards + val_arrays * spec.n_val_shards
-            + spec.epochs + spec.n_val_shards)
+    and DVC care about. Metadata (the root, 5 groups, every array), one object per packed array and epoch,
+    the label chunks, the val and clean chunks, and the done records (one per packed epoch, one per val and
+    clean shard)."""
+    packed = sum(1 for a in array_layout(spec).values() if a.shards is not None)
+    metadata = 1 + 5 + len(array_layout(spec))
+    views = sum(len(spec.view_ranges(split)) for split in VIEW_SPLITS)
+    return metadata + packed * spec.epochs + spec.n_shards + len(VAL_TARGETS) * views + spec.epochs + views

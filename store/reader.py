@@ -133,7 +133,7 @@ def _check(where: str, prefix: str, record: Record, rows: tuple[int, int], array
         missing = bool(np.isnan(a).all()) if a.dtype.kind == "f" else bool((a == fill).all())
         cause = ("its chunk is missing (it reads back as the fill value)" if missing
                  else "its bytes differ from what the writer recorded (damaged, or from another unit)")
-        path = "train/label" if name == "label" and prefix != "val" else f"{prefix}/{name}"
+        path = "train/label" if name == "label" and prefix.endswith("train") else f"{prefix}/{name}"
         raise DamagedUnit(f"{where}, array {path}: {cause}; re-run `distill teacher` to rewrite the unit")
 
 
@@ -148,10 +148,10 @@ def packed_epochs(group: zarr.Group) -> set[int]:
     return done_units(objects_of(group), "train", spec_of(group).n_shards)[1]
 
 
-def val_done_mask(group: zarr.Group) -> np.ndarray:
-    """(S_val,) bool: which val shards are complete."""
-    spec = spec_of(group)
-    return mask(done_units(objects_of(group), "val", spec.n_val_shards)[0], 1, spec.n_val_shards)[0]
+def val_done_mask(group: zarr.Group, split: str = "val") -> np.ndarray:
+    """(S,) bool: which shards of a split of evaluation views (``val``, ``clean``) are complete."""
+    n = len(spec_of(group).view_ranges(split))
+    return mask(done_units(objects_of(group), split, n)[0], 1, n)[0]
 
 
 def _unit_arrays(group: zarr.Group, epoch: int, shard: int, record: Record, where: str) -> dict[str, np.ndarray]:
@@ -188,26 +188,28 @@ def read_train_unit(group: zarr.Group, epoch: int, shard: int) -> TrainUnit:
                      arrays["topk_classes"], arrays["logsumexp"], arrays["label"], record.plan)
 
 
-def read_val_unit(group: zarr.Group, shard: int) -> ValUnit:
-    """One val shard's targets, checked against its record (MissingUnit, DamagedUnit)."""
+def read_val_unit(group: zarr.Group, shard: int, split: str = "val") -> ValUnit:
+    """One shard of evaluation views (``val``, or the ``clean`` pass over the training images), checked against
+    its record (MissingUnit, DamagedUnit)."""
     spec = spec_of(group)
-    where = _where(group, "val", 0, shard)
-    record = read_record(objects_of(group), "val", 0, shard)
+    where = _where(group, split, 0, shard)
+    record = read_record(objects_of(group), split, 0, shard)
     if record is None:
         raise MissingUnit(f"{where}: no data (not marked done); re-run the teacher stage to fill it")
-    a, b = spec.val_ranges[shard]
-    arrays = _read(group, {name: (f"val/{name}", slice(a, b)) for name in VAL_TARGETS}, where)
-    _check(where, "val", record, (a, b), arrays)
+    a, b = spec.view_ranges(split)[shard]
+    arrays = _read(group, {name: (f"{split}/{name}", slice(a, b)) for name in VAL_TARGETS}, where)
+    _check(where, split, record, (a, b), arrays)
     return ValUnit(a, b, arrays["topk_logits"].view(np.float16).astype(np.float32), arrays["topk_classes"],
                    arrays["logsumexp"], arrays["label"])
 
 
-def read_val(group: zarr.Group) -> ValUnit:
-    """All val rows, every unit checked; MissingUnit naming the val shards that are not done."""
-    spec = spec_of(group)
-    done = val_done_mask(group)
+def read_val(group: zarr.Group, split: str = "val") -> ValUnit:
+    """All rows of a split of evaluation views, every unit checked; MissingUnit naming the shards not done."""
+    ranges = spec_of(group).view_ranges(split)
+    done = val_done_mask(group, split)
     if not done.all():
-        raise MissingUnit(f"logit store: val shards {np.flatnonzero(~done).tolist()} are not marked done")
-    units = [read_val_unit(group, s) for s in range(spec.n_val_shards)]
+        raise MissingUnit(f"logit store: {split} shards {np.flatnonzero(~done).tolist()} are not marked done")
+    units = [read_val_unit(group, s, split) for s in range(len(ranges))]
     fields = ("topk_logits", "topk_classes", "logsumexp", "label")
-    return ValUnit(0, spec.n_val, **{f: np.concatenate([getattr(u, f) for u in units]) for f in fields})
+    n = ranges[-1][1] if ranges else 0
+    return ValUnit(0, n, **{f: np.concatenate([getattr(u, f) for u in units]) for f in fields})

@@ -105,15 +105,18 @@ def write_val_unit(
     topk_classes: np.ndarray,
     logsumexp: np.ndarray,
     label: np.ndarray,
+    split: str = "val",
 ) -> None:
-    """Write one val shard's rows (the plain evaluation view, no epochs), then its done record (last)."""
+    """Write one shard of evaluation views (``val``, or the ``clean`` pass over the training images: no
+    augmentation, no epochs), then its done record (last)."""
     spec = spec_of(group)
-    where = f"write_val_unit(shard={shard})"
-    if not 0 <= shard < spec.n_val_shards:
-        raise ValueError(f"{where}: shard out of range [0, {spec.n_val_shards})")
-    start, end = spec.val_ranges[shard]
+    ranges = spec.view_ranges(split)
+    where = f"write_val_unit({split}, shard={shard})"
+    if not 0 <= shard < len(ranges):
+        raise ValueError(f"{where}: shard out of range [0, {len(ranges)})")
+    start, end = ranges[shard]
     where += f" rows [{start}, {end})"
     arrays = _targets(where, spec, end - start, topk_logits, topk_classes, logsumexp, label)
     for name, a in arrays.items():
-        group[f"val/{name}"][start:end] = a
-    write_record(objects_of(group), "val", 0, shard, unit_body((start, end), arrays))  # last
+        group[f"{split}/{name}"][start:end] = a
+    write_record(objects_of(group), split, 0, shard, unit_body((start, end), arrays))  # last

@@ -178,25 +178,27 @@ def save_random_teacher(cfg: Config, path: Path, seed: int, num_classes: int = 1
 
 
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of train/ and val/, and the done masks (from the records), of the store at ``path``."""
+    """Every array of train/, val/ and clean/, and the done masks (from the records), of the store at ``path``."""
     import zarr
 
     import store
 
     root = zarr.open_group(str(path), mode="r")
     out = {}
-    for split in ("train", "val"):
+    for split in ("train", *store.VIEW_SPLITS):
         for name, arr in root[split].arrays():
             out[f"{split}/{name}"] = arr[...]
-    out["train/done"], out["val/done"] = store.done_mask(root), store.val_done_mask(root)  # the done records
+    out["train/done"] = store.done_mask(root)  # the done records
+    for split in store.VIEW_SPLITS:
+        out[f"{split}/done"] = store.val_done_mask(root, split)
     return out
 
 
 def assert_same_store(a: Path, b: Path) -> None:
-    """Every array of train/ and val/ (done included) has the same dtype, shape and bytes."""
+    """Every array of train/, val/ and clean/ (done included) has the same dtype, shape and bytes."""
     xa, xb = store_arrays(a), store_arrays(b)
     assert sorted(xa) == sorted(xb)
-    assert "train/done" in xa and "val/done" in xa
+    assert "train/done" in xa and "val/done" in xa and "clean/done" in xa
     for name in xa:
         u, v = xa[name], xb[name]
         assert u.dtype == v.dtype and u.shape == v.shape, name

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, make_config, make_idx
 
 import store
-from pipeline import audit_tables
+from pipeline import audit_tables, label_issues
 from pipeline.shards import ShardError, load_manifest, open_shards, run_manifest
 from stages import audit, audit_report, ingest
 
@@ -40,6 +40,7 @@ class Planted:
     val_labels: np.ndarray
     views: list[dict]  # one per stored train view: epoch, index, shard, label, teacher, kind, partner, lam, logits
     val_views: list[dict]
+    clean_views: list[dict]  # one per training image: its evaluation view (the clean pass)
     confident: list[int]  # indices contradicted confidently, strongest first
     weak: int  # an index the teacher contradicts with p_teacher < 0.9
     plans: object  # (epoch, shard) -> (partner, kind, lam), as the store's provenance gives them
@@ -101,7 +102,7 @@ def build(tmp: Path) -> Planted:
     m = load_manifest(shards)
     labels, val_labels = shard_labels(m.shard_paths("train")), shard_labels(m.shard_paths("val"))
     spec = store.StoreSpec(num_classes=C, epochs=E, topk=K, train_ranges=tuple(m.ranges("train")),
-                           val_ranges=tuple(m.ranges("val")))
+                           val_ranges=tuple(m.ranges("val")), clean_ranges=tuple(m.ranges("train")))
     prov = {"manifest_fingerprint": m.fingerprint, "num_classes": C, "epochs": E, "topk": K,
             "aug": cfg.aug.model_dump(mode="json"), "seed": cfg.seed}
     group = store.create_store(cfg.store.path, spec, prov)
@@ -141,9 +142,32 @@ def build(tmp: Path) -> Planted:
             val_views.append(dict(index=i, shard=s, label=y, teacher=teacher, logits=x))
         tl, tc, _, lse = store.topk_from_logits(np.stack(rows), K)
         store.write_val_unit(group, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=val_labels[a:b])
+    clean_views = _write_clean(group, spec, labels, confident, weak, rng)
     store.finalize(cfg.store.path)
-    return Planted(tmp, cfg, Path(cfg.store.path), shards, labels, val_labels, views, val_views, confident, weak,
-                   plans)
+    return Planted(tmp, cfg, Path(cfg.store.path), shards, labels, val_labels, views, val_views, clean_views,
+                   confident, weak, plans)
+
+
+def _write_clean(group, spec, labels, confident: list[int], weak: int, rng) -> list[dict]:
+    """The clean pass: the confident indices contradicted (label pushed out of the top-k), the weak one
+    contradicted with the label second, every other image agreed with."""
+    out = []
+    for s, (a, b) in enumerate(spec.clean_ranges):
+        rows = []
+        for i in range(a, b):
+            y = int(labels[i])
+            teacher, how = y, "agree"
+            if i in confident:
+                teacher, how = (y + 1) % C, str(STRENGTHS[confident.index(i)])
+            elif i == weak:
+                teacher, how = (y + 2) % C, "weak"
+            x = logits_for(rng, y, teacher, how)
+            rows.append(x)
+            out.append(dict(index=i, shard=s, label=y, teacher=teacher, logits=x))
+        tl, tc, _, lse = store.topk_from_logits(np.stack(rows), K)
+        store.write_val_unit(group, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=labels[a:b],
+                             split="clean")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -229,24 +253,30 @@ def test_val_frame(planted):
     assert set(vf.columns) >= {"label", "p_label", "label_in_topk", "margin", "label_name", "teacher_name"}
 
 
-def test_dense_all_mixed_store_has_no_unmixed_figures(tmp_path):
+def test_dense_all_mixed_store_weighs_each_view_by_its_blend(tmp_path):
     """k >= C (every label stored, p_label exact) and every view mixed, as with aug.mix_prob 1."""
-    spec = store.StoreSpec(num_classes=3, epochs=1, topk=5, train_ranges=((0, 6),), val_ranges=())
+    spec = store.StoreSpec(num_classes=3, epochs=1, topk=5, train_ranges=((0, 6),), val_ranges=(),
+                           clean_ranges=((0, 6),))
     g = store.create_store(tmp_path / "s.zarr", spec, {"seed": 0})
     x = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
     tl, tc, _, lse = store.topk_from_logits(x, 5)
     label = np.array([0, 1, 2, 0, 1, 2])
-    plan = (np.array([1, 0, 3, 2, 5, 4]), np.array([1, 2] * 3), np.full(6, 0.6))
+    partner = np.array([1, 0, 3, 2, 5, 4])
+    plan = (partner, np.array([1, 2] * 3), np.full(6, 0.6))
     store.write_train_unit(g, 0, 0, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=label, plan=plan)
+    store.write_val_unit(g, 0, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=label, split="clean")
     df = store.train_frame(g, lambda e, s: plan)
     assert df["label_in_topk"].all()
     np.testing.assert_allclose(df["p_label"], softmax(x)[np.arange(6), label], atol=4e-3)
-    t = audit_tables.audit_frames(df, None, ["a", "b", "c"], threshold=0.0)
+    images = label_issues.image_table(store.val_frame(g, split="clean"), ["a", "b", "c"], train=df)
+    t = audit_tables.audit_frames(df, None, images, ["a", "b", "c"], threshold=0.0)
+    teacher = x.argmax(1)
+    weighted = 0.6 * (teacher == label) + 0.4 * (teacher == label[partner])
+    assert t.headline["weighted_agreement"] == pytest.approx(weighted.mean())
     assert t.headline["unmixed_samples"] == 0 and t.headline["unmixed_disagreement"] is None
     assert t.headline["mixed_samples"] == 6 and t.suspects.empty and t.suspects_val is None
-    assert t.headline["val_disagreement"] is None
+    assert t.headline["val_disagreement"] is None and t.planted.empty
     files = audit_report.write_report(t, ["a", "b", "c"], tmp_path / "out")
-    assert "no unmixed train views" in (tmp_path / "out" / "audit.md").read_text()
     assert all((tmp_path / "out" / f).is_file() for f in files)
 
 
@@ -265,8 +295,9 @@ def expected_per_class(views: list[dict], pred=lambda v: True) -> tuple[list[int
 
 def test_audit_tables_match_what_was_planted(planted):
     g = store.open_store(planted.store_path)
+    images = label_issues.image_table(store.val_frame(g, classes=NAMES, split="clean"), NAMES)
     t = audit_tables.audit_frames(store.train_frame(g, planted.plans, classes=NAMES), store.val_frame(g, classes=NAMES),
-                                  NAMES, top=5)
+                                  images, NAMES, top=5)
     views, unmixed = planted.views, [v for v in planted.views if v["kind"] == store.KIND_NONE]
     h = t.headline
     mixed = [v for v in views if v["kind"] != store.KIND_NONE]
@@ -298,49 +329,67 @@ def test_audit_tables_match_what_was_planted(planted):
         assert pe.loc[e, "samples"] == len(ve) and pe.loc[e, "unmixed_samples"] == len(ue)
         assert pe.loc[e, "disagreement"] == pytest.approx(disagreement(ve))
         assert pe.loc[e, "unmixed_disagreement"] == pytest.approx(disagreement(ue))
+        lab = planted.labels
+        weighted = [float(v["teacher"] == v["label"]) if v["kind"] == store.KIND_NONE else
+                    v["lam"] * (v["teacher"] == v["label"]) + (1 - v["lam"]) * (v["teacher"] == lab[v["partner"]])
+                    for v in ve]
+        assert pe.loc[e, "weighted_agreement"] == pytest.approx(np.mean(weighted))
 
     conf = np.zeros((C, C), dtype=int)
-    for v in unmixed:
+    for v in planted.clean_views:
         conf[v["label"], v["teacher"]] += 1
     np.testing.assert_array_equal(t.confusion.to_numpy(), conf)
     assert list(t.confusion.index) == NAMES and list(t.confusion.columns) == NAMES
+    assert h["clean_disagreement"] == pytest.approx(disagreement(planted.clean_views))
     off = conf.copy()
     np.fill_diagonal(off, 0)
-    pairs = t.confused_pairs[t.confused_pairs["split"] == "train_unmixed"]
+    pairs = t.confused_pairs[t.confused_pairs["split"] == "clean"]
     assert pairs["count"].tolist() == sorted(off[off > 0].tolist(), reverse=True)[:5]
     first = pairs.iloc[0]
     assert first["share"] == pytest.approx(first["count"] / conf[first["label"]].sum())
 
 
-def test_suspects_are_exactly_the_confident_unmixed_contradictions(planted):
+def test_suspects_are_the_images_whose_label_the_teacher_gives_little(planted):
     g = store.open_store(planted.store_path)
     files = [f"train-{s:06d}.tar" for s in range(3)]
-    sus = audit_tables.suspects(store.train_frame(g, planted.plans, classes=NAMES), NAMES, 0.9, files)
-    conf = planted.confident  # one per shard, strengths 9 > 7 > 5: sorted by mean p_teacher
-    assert sus["index"].tolist() == conf
+    images = label_issues.image_table(store.val_frame(g, classes=NAMES, split="clean"), NAMES, files=files)
+    ranked = audit_tables.rank_images(images, threshold=0.05)
+    conf = planted.confident  # one per shard, strengths 9 > 7 > 5: the label's probability grows in that order
+    sus = ranked[ranked["suspect"]]
+    assert sus["index"].tolist() == conf and sus["rank"].tolist() == [1, 2, 3]
     assert sus["key"].tolist() == [f"{i:08d}" for i in conf]
     assert sus["file"].tolist() == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert sus["epochs_contradicted"].tolist() == [suspect_views(planted, i)[1] for i in conf]
-    assert sus["epochs_unmixed"].tolist() == [suspect_views(planted, i)[0] for i in conf]
     lab = planted.labels
     assert sus["label"].tolist() == [int(lab[i]) for i in conf]
-    assert sus["teacher"].tolist() == [int(lab[i] + 1) % C for i in conf]
     assert sus["teacher_name"].tolist() == [NAMES[(lab[i] + 1) % C] for i in conf]
-    assert (sus["mean_p_teacher"] >= 0.9).all() and sus["mean_p_teacher"].is_monotonic_decreasing
-    # the threshold: 0.995 drops the strength-5 one (p ~ 0.99), 0.4 adds the weak contradiction (p ~ 0.53)
-    frame = store.train_frame(g, planted.plans)
-    assert audit_tables.suspects(frame, NAMES, 0.995)["index"].tolist() == conf[:2]
-    assert planted.weak in audit_tables.suspects(frame, NAMES, 0.4)["index"].tolist()
-    vs = audit_tables.suspects(store.val_frame(g), NAMES, 0.9, ["val-000000.tar", "val-000001.tar"])
-    assert vs["index"].tolist() == [VAL_CONFIDENT] and vs["file"].tolist() == ["val-000000.tar"]
+    assert ranked["index"].iloc[3] == planted.weak  # contradicted, but with the label second: next, not a suspect
+    assert (ranked["margin"] < 0).sum() == 4 and len(ranked) == len(lab)
+    # the threshold: 0.5 adds the weak contradiction (p_label ~ 0.32), 0 leaves none
+    assert planted.weak in audit_tables.rank_images(images, threshold=0.5).query("suspect")["index"].tolist()
+    assert not audit_tables.rank_images(images, threshold=0.0)["suspect"].any()
+
+
+def test_view_agreement_weighs_each_view_for_both_images_it_shows(planted):
+    g = store.open_store(planted.store_path)
+    agree = label_issues.view_agreement(store.train_frame(g, planted.plans), len(planted.labels))
+    for i in (planted.confident[0], planted.weak, 7):
+        w = hit = n = 0.0
+        for v in planted.views:
+            own = 1.0 if v["kind"] == store.KIND_NONE else v["lam"]
+            if v["index"] == i:
+                n, w, hit = n + 1, w + own, hit + own * (v["teacher"] == v["label"])
+            if v["kind"] != store.KIND_NONE and v["partner"] == i:
+                n, w, hit = n + 1, w + 1 - own, hit + (1 - own) * (v["teacher"] == planted.labels[i])
+        assert agree.loc[i, "views"] == n and agree.loc[i, "view_weight"] == pytest.approx(w)
+        assert agree.loc[i, "view_agreement"] == pytest.approx(hit / w)
 
 
 def test_run_writes_the_report(planted, tmp_path):
     out = tmp_path / "report"
     h = audit.run(planted.cfg, top=5, output=out)
     expected_files = [
-        "per_class.csv", "per_epoch.csv", "confusion.csv", "confused_pairs.csv", "suspects.csv",
-        "confusion_val.csv", "suspects_val.csv", "audit.md", "audit.png", "audit.json",
+        "per_class.csv", "per_epoch.csv", "confusion.csv", "confused_pairs.csv", "suspects.csv", "images.csv.gz",
+        "confusion_val.csv", "suspects_val.csv", "audit.md", "audit.png", "suspects.png", "audit.json", "metrics.json",
     ]  # fmt: skip
     for f in expected_files:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
@@ -354,10 +403,15 @@ def test_run_writes_the_report(planted, tmp_path):
     assert sus["file"].tolist() == [f"train-{s:06d}.tar" for s in range(3)]
     assert (planted.shards / sus["file"][0]).is_file()
     conf = pd.read_csv(out / "confusion.csv", index_col=0)
-    assert list(conf.index) == NAMES and int(conf.to_numpy().sum()) == h["unmixed_samples"]
+    assert list(conf.index) == NAMES and int(conf.to_numpy().sum()) == h["images"] == len(planted.labels)
+    images = pd.read_csv(out / "images.csv.gz", dtype={"key": str})
+    assert len(images) == len(planted.labels) and images["index"].head(3).tolist() == planted.confident
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == {"suspects": 3, "teacher_vs_label": h["clean_disagreement"]}
+    assert (out / "suspects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "audit.md").read_text()
-    for text in ("# Teacher–label audit", "Mixed views", "Suspected label noise", f"{planted.confident[1]:08d}",
-                 "![audit](audit.png)"):
+    for text in ("# Teacher–label audit", "Mixed views", "Suspected wrong labels", f"{planted.confident[1]:08d}",
+                 "![audit](audit.png)", "![top suspects](suspects.png)"):
         assert text in md
     assert "| teacher != label, val | 16.67% |" in md
 
@@ -413,7 +467,7 @@ def test_run_refuses_a_store_from_other_shards(planted, tmp_path):
 # notebooks/audit.ipynb
 
 
-def test_notebook_runs_against_the_tiny_store(planted, monkeypatch):
+def test_notebook_runs_against_the_tiny_store(planted, monkeypatch, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     kernelspec = pytest.importorskip("jupyter_client.kernelspec")
@@ -423,6 +477,7 @@ def test_notebook_runs_against_the_tiny_store(planted, monkeypatch):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit with outputs cleared"
     monkeypatch.setenv("DISTILL_STORE", str(planted.store_path))
     monkeypatch.setenv("DISTILL_SHARDS", str(planted.shards))
+    monkeypatch.setenv("DISTILL_AUDIT_OUT", str(tmp_path / "out"))
     client = nbclient.NotebookClient(
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
     )
@@ -431,7 +486,10 @@ def test_notebook_runs_against_the_tiny_store(planted, monkeypatch):
         o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
         for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )  # fmt: skip
-    assert "3 train suspects" in text and "1 val suspects" in text
+    assert "3 train suspects" in text and "1 val suspects" in text and "wrote 3 rows" in text
+    relabel = pd.read_csv(tmp_path / "out" / "relabel.csv", dtype={"key": str})
+    assert relabel["index"].tolist() == planted.confident
+    assert (tmp_path / "out" / "suspects_notebook.png").is_file()
 
 
 def test_run_audits_only_the_chosen_epochs(planted, tmp_path):

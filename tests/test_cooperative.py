@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Config:
-    """E=3 over 6 train shards of 5 and 3 val shards: 21 units."""
+    """E=3 over 6 train shards of 5 and 3 val shards: 18 train, 3 val and 6 clean units."""
     tmp = tmp_path_factory.mktemp("coop")
     root = make_idx(tmp / "idx", N_TRAIN, N_VAL, classes=CLASSES)
     cfg = make_config(tmp, {"source": "idx", "root": str(root), "shard_size": 5}, teacher={"epochs": 3})
@@ -39,8 +39,10 @@ def base(tmp_path_factory) -> Config:
 
 @pytest.fixture(scope="module")
 def reference(base: Config) -> Path:
+    """One process, at the writers' batch size: CPU convolutions at batch 1 and at 16 may differ in the last
+    bit of a logit outside the top-k (seen in the logsumexp), which is the teacher's numerics, not the store's."""
     path = Path(base.data.shards).parent / "single.zarr"
-    teacher.run(at(base, path), progress=False, device="cpu")
+    teacher.run(at(base, path), batch_size=1, progress=False, device="cpu")
     return path
 
 
@@ -79,7 +81,7 @@ def test_two_teachers_started_together_on_a_new_store_share_it(base, reference, 
     a, b = start(base, path, log, tmp_path, "a"), start(base, path, log, tmp_path, "b")
     finish(a, b)
     by_unit = written_once(log)
-    assert len(by_unit) == 21 and len({o for v in by_unit.values() for o in v}) == 2  # both did some work
+    assert len(by_unit) == 27 and len({o for v in by_unit.values() for o in v}) == 2  # both did some work
     assert_same_store(reference, path)
 
 
@@ -116,7 +118,7 @@ def test_one_of_two_cooperating_writers_killed_mid_unit_is_taken_over(base, refe
     finish(survivor)
     ev = events(log)
     by_unit = written_once(log)
-    assert len(by_unit) == 21
+    assert len(by_unit) == 27
     victim_claims = {u for _, o, u, w in ev if mine in o and w == "claimed"}
     lost = victim_claims - {u for u, owners in by_unit.items() if mine in owners[0]}
     assert lost, "the victim held no unit when it died"

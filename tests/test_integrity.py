@@ -152,6 +152,29 @@ def test_teacher_recomputes_exactly_the_damaged_units(damaged, reference, capsys
     assert_same_store(reference, path)  # the rest was kept (unpacked, and packed again), not computed
 
 
+def test_a_damaged_clean_pass_unit_is_refused_by_the_audit_and_recomputed_by_the_teacher(damaged, reference, capsys):
+    cfg, path = damaged
+    flip(path / "clean" / "topk_logits" / "c" / "1" / "0", 20, 16)
+    with pytest.raises(store.DamagedUnit, match="clean/topk_logits"):
+        store.read_val_unit(store.open_store(path), 1, split="clean")
+    assert_clean_failure(run_cli("audit", "-c", write_yaml(cfg, path.parent / "cfg.yaml"), "--output",
+                                 str(path.parent / "audit")), "clean/topk_logits", "shard 1")
+    teacher.run(cfg, progress=False, device="cpu")
+    assert "wrote 1 unit(s)" in capsys.readouterr().out
+    assert_same_store(reference, path)
+
+
+def test_a_clean_pass_cut_short_resumes_to_the_same_store(damaged, reference, capsys):
+    """As after a kill during the clean pass: some of its units have no done record."""
+    cfg, path = damaged
+    for s in (0, 2):
+        store.delete_record(store.objects_at(path), "clean", 0, s)
+    assert store.val_done_mask(store.open_store(path), "clean").tolist() == [False, True, False]
+    teacher.run(cfg, progress=False, device="cpu")
+    assert "wrote 2 unit(s)" in capsys.readouterr().out
+    assert_same_store(reference, path)
+
+
 def test_verify_fails_on_a_logit_beyond_the_tolerance_and_on_nan(damaged):
     cfg, path = damaged
     yml = write_yaml(cfg, path.parent / "cfg.yaml")

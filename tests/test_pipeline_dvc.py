@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import make_idx
@@ -26,7 +27,7 @@ def _tiny_config(idx: Path) -> dict:
         "teacher": {"model": "resnet18", "small_stem": True, "epochs": 2, "topk": 5, "batch_size": 16,
                     "fit": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0, "output": "data/teacher.pt"}},
         "store": {"path": "data/logits.zarr"},
-        "student": {"patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2, "epochs": 2, "batch_size": 8,
+        "student": {"patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2, "epochs": 1, "batch_size": 8,
                     "warmup_epochs": 0, "shuffle": 16, "output": "runs/student"},
         "evaluate": {"batch_size": 16, "throughput_seconds": 0.1, "output": "runs/eval",
                      "students": ["runs/student-none", "runs/student-soft", "runs/student-hard"]},
@@ -49,7 +50,7 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     for code in ("pipeline", "store"):  # the code dvc.yaml lists as dependencies
         shutil.copytree(ROOT / code, work / code, ignore=shutil.ignore_patterns("__pycache__"))
     (work / "configs" / "demo.yaml").write_text(yaml.safe_dump(_tiny_config(idx)))
-    (work / ".gitignore").write_text("/data/\n/runs/\n")
+    shutil.copy(ROOT / ".gitignore", work / ".gitignore")  # git keeps the DVC metrics, as in the project
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -62,16 +63,20 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_dvc_repro_runs_every_stage(repo):
     work, _ = repo
-    metrics = json.loads((work / "runs" / "eval" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"teacher", "none", "soft", "hard"}
-    models = metrics["models"]
-    assert models["none"]["head"] == "cls" and models["none"]["top1"] == models["none"]["cls_top1"]
-    assert models["hard"]["head"] == "fused" and models["hard"]["top1"] == models["hard"]["fused_top1"]
-    assert metrics["disagreement"]["teacher"]["teacher"] == 0.0
-    gt_vs_teacher = metrics["disagreement"]["ground truth"]["teacher"]
-    assert abs(gt_vs_teacher - (1 - models["teacher"]["top1"])) < 1e-6
+    models = pd.read_csv(work / "runs" / "eval" / "models.csv", index_col="model")
+    assert set(models.index) == {"teacher", "none", "soft", "hard"}
+    assert models.loc["none", "head"] == "cls" and models.loc["none", "top1"] == models.loc["none", "cls_top1"]
+    assert models.loc["hard", "head"] == "fused" and models.loc["hard", "top1"] == models.loc["hard", "fused_top1"]
+    dis = pd.read_csv(work / "runs" / "eval" / "disagreement.csv", index_col=0)
+    assert dis.loc["teacher", "teacher"] == 0.0
+    assert abs(dis.loc["ground truth", "teacher"] - (1 - models.loc["teacher", "top1"])) < 1e-6
+    metrics = json.loads((work / "runs" / "eval" / "metrics.json").read_text())  # a handful of scalars
+    assert metrics["top1"] == {m: round(models.loc[m, "top1"], 4) for m in ("teacher", "none", "soft", "hard")}
+    assert metrics["hard-none"] == round(metrics["top1"]["hard"] - metrics["top1"]["none"], 4)
+    assert set(metrics) == {"top1", "hard-none", "im_per_s"}
     assert (work / "runs" / "eval" / "results.md").read_text().startswith("# Results")
-    assert (work / "runs" / "audit" / "audit.json").is_file()
+    assert (work / "runs" / "audit" / "audit.json").is_file() and (work / "runs" / "audit" / "suspects.png").is_file()
+    assert set(json.loads((work / "runs" / "audit" / "metrics.json").read_text())) == {"suspects", "teacher_vs_label"}
     assert (work / "dvc.lock").is_file()
 
 
@@ -107,3 +112,35 @@ def test_a_change_to_the_view_code_makes_the_stages_that_use_views_stale(repo):
         assert stage in out
     assert "ingest:" not in out and "evaluate:" not in out
     assert "up to date" in _run([dvc, "status"], work, env).stdout
+
+
+def readme_block(marker: str) -> str:
+    """The fenced code block right after ``<!-- marker ... -->`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(f"<!-- {marker}") :]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_commands_run_as_written_after_activating_the_venv(repo):
+    """As a new user would after `make demo`: a fresh shell without the venv on PATH, the README's block."""
+    work, env = repo
+    block = readme_block("readme-commands")
+    assert block.startswith("source .venv/bin/activate")
+    venv = Path(sys.prefix)  # this interpreter's virtual environment is the project's .venv
+    if not (venv / "bin" / "activate").is_file():
+        pytest.skip(f"{venv} is not a virtual environment with bin/activate")
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, env=env, capture_output=True).returncode:
+        _run(["git", "add", "-A"], work, env)  # a clone has a commit (experiments start from one)
+        _run(["git", "commit", "-qm", "tiny pipeline"], work, env)
+    _run(["git", "checkout", "--", "."], work, env)  # back to the committed pipeline: a new user's state
+    _run([str(venv / "bin" / "dvc"), "checkout", "-q"], work, env)
+    (work / ".venv").unlink(missing_ok=True)
+    (work / ".venv").symlink_to(venv)
+    bare = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != venv / "bin")
+    shell_env = {**env, "PATH": bare, "COLUMNS": "120"}
+    shell_env.pop("VIRTUAL_ENV", None)
+    assert subprocess.run(["bash", "-c", "command -v distill"], env=shell_env, cwd=work).returncode != 0
+    out = _run(["bash", "-e", "-x", "-c", block], work, shell_env)
+    shown = out.stdout[out.stdout.index("Experiment") : out.stdout.index("Path ")]  # dvc exp show's table
+    assert "top1.hard" in shown and "…" not in shown, shown
+    assert max(len(line) for line in shown.splitlines()) <= 120, shown
