@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from bench.common import add_machine_args, set_threads
 from bench.data import ingest_with_random_teacher, source_root
 from pipeline.config import Config, load_config
+from pipeline.handover import ViewLoader
 from pipeline.loading import train_stream
 from pipeline.plan import stored_epoch
 from pipeline.sampling import steps_per_epoch, worker_pieces, worker_span
@@ -103,7 +104,8 @@ def stall(args: argparse.Namespace) -> None:
                                           workers=2, view_epoch=partial(stored_epoch, stored_epochs=1))
                 ds.fill_first = not persistent
                 if not persistent:  # as before: workers started again for every epoch
-                    loader = DataLoader(ds, batch_size=128, num_workers=2, persistent_workers=False)
+                    plain = DataLoader(ds, batch_size=128, num_workers=2, persistent_workers=False)
+                    loader = ViewLoader(plain, cfg.aug)
                 for epoch in range(3):
                     ds.set_epoch(epoch)
                     t0 = time.perf_counter()

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from torch.utils.data import DataLoader
 from zarr.codecs import ZstdCodec
 
 import pipeline.shards as shards_module
@@ -40,7 +39,7 @@ import store
 from bench.common import add_machine_args, at_least, load_average, set_threads
 from bench.data import ingest_with_random_teacher, source_root
 from pipeline.config import Config, load_config
-from pipeline.loading import ReplayDataset
+from pipeline.loading import ReplayDataset, make_loader
 from pipeline.shard_index import read_samples
 from pipeline.shards import load_manifest
 from stages import student, teacher
@@ -199,7 +198,7 @@ def stream_rate(cfg: Config, on: bool) -> float:
     m = load_manifest(cfg.data.shards)
     ds = ReplayDataset(m, cfg.aug, cfg.seed, [(0, s) for s in range(len(m.shards("train")))])
     with shard_check(on):
-        return rate(lambda: sum(len(b.view) for b in DataLoader(ds, batch_size=128)))
+        return rate(lambda: sum(len(b.view) for b in make_loader(ds, 128, 0)))
 
 
 def shard_bench(tmp: Path, args: argparse.Namespace) -> None:
@@ -234,7 +233,7 @@ def tolerance_bench(tmp: Path, args: argparse.Namespace) -> None:
         cfg = demo_config(tmp / "tol", args)
         m, what = load_manifest(cfg.data.shards), "a random teacher (run `make demo` first for the fitted one)"
     model, _ = load_teacher(cfg.teacher, num_classes=m.num_classes, in_chans=cfg.aug.channels)
-    x = next(iter(DataLoader(ReplayDataset(m, cfg.aug, cfg.seed, [(0, 0)]), batch_size=512))).view
+    x = next(iter(make_loader(ReplayDataset(m, cfg.aug, cfg.seed, [(0, 0)]), 512, 0))).view
     with torch.no_grad():
         f32 = model(x).float()
         low = {}

@@ -125,7 +125,7 @@ def size_table(tmp: Path, args: argparse.Namespace, rng: np.random.Generator) ->
           "every object counted, records and metadata included)")
     for r in results:
         print(f"   C={r['C']:>5} K={r['K']:>3}: {r['B/row']:6.1f} B/row ({r['objects']} objects), dense float32 "
-              f"{r['dense f32 B/row']:,} B/row: {r['dense f32 B/row'] / r['B/row']:.0f}x smaller")
+              f"{r['dense f32 B/row']:,} B/row: {r['dense f32 B/row'] / r['B/row']:.1f}x smaller")
     c, k, table = detail
     print(f"   per array at C={c}, K={k}, B/row under each choice measured:")
     for name, opts in table.items():

@@ -97,7 +97,13 @@ def _tensor_tail(aug: AugConfig, erase: bool) -> list:
 
 
 def train_transform(aug: AugConfig) -> transforms.Compose:
-    """RandomResizedCrop, flip, RandAugment or colour jitter (timm), normalise, random erasing."""
+    """RandomResizedCrop, flip, RandAugment or colour jitter (timm), normalise, random erasing: the whole view
+    in one process (the reference the uint8 hand-over of :mod:`pipeline.handover` is tested against)."""
+    return transforms.Compose([*train_pil(aug).transforms, *_tensor_tail(aug, True)])
+
+
+def train_pil(aug: AugConfig) -> transforms.Compose:
+    """The PIL part of the training view: RGB, RandomResizedCrop, flip, RandAugment or colour jitter (timm)."""
     primary, secondary, _ = transforms_imagenet_train(
         img_size=aug.img_size,
         scale=aug.scale,
@@ -112,7 +118,13 @@ def train_transform(aug: AugConfig) -> transforms.Compose:
         separate=True,
     )
     timm_part = [_replayable(t) for t in (*primary.transforms, *secondary.transforms)]
-    return transforms.Compose([_to_rgb, *timm_part, *_tensor_tail(aug, True)])
+    return transforms.Compose([_to_rgb, *timm_part])
+
+
+def train_erasing(aug: AugConfig) -> RandomErasing | None:
+    """timm's random erasing as the training view applies it (after normalisation), or None."""
+    tail = _tensor_tail(aug, True)
+    return tail[-1] if isinstance(tail[-1], RandomErasing) else None
 
 
 def eval_transform(aug: AugConfig) -> transforms.Compose:

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import eval_transform, train_transform
+from pipeline.augment import eval_transform
 from pipeline.config import AugConfig
+from pipeline.handover import TrainParts, ViewLoader
 from pipeline.plan import EpochPlan, epoch_plan
 from pipeline.replay import ReplaySample, eval_unit, piece_needs, replay_piece, replay_unit
 from pipeline.rng import TAG_SHUFFLE, derive_seed
@@ -91,13 +92,13 @@ class ReplayDataset(IterableDataset):
         ranges = self.manifest.ranges(self.split)
         c = self.manifest.num_classes
         if not self.evaluation:
-            transform = train_transform(self.aug)
+            parts = TrainParts.of(self.aug)
             for epoch, shard in self.my_units():
                 start, end = ranges[shard]
                 plan = epoch_plan(self.aug, self.seed, epoch, shard, start, end)
                 samples = replay_unit(
                     shard_samples(self.manifest, "train", shard), plan, end,
-                    transform=transform, aug=self.aug, seed=self.seed, num_classes=c, source=paths[shard],
+                    parts=parts, aug=self.aug, seed=self.seed, num_classes=c, source=paths[shard],
                 )
                 yield from samples if self.join is None else map(self.join(plan), samples)
         else:
@@ -162,7 +163,7 @@ class EpochDataset(IterableDataset):
                              self.batch_size, self.rank, self.world, wid, nw)
 
     def _stream(self, train_epoch: int) -> Iterator[Any]:
-        transform, ranges, c = train_transform(self.aug), self.manifest.ranges("train"), self.manifest.num_classes
+        parts, ranges, c = TrainParts.of(self.aug), self.manifest.ranges("train"), self.manifest.num_classes
         stored, units = self.view_epoch(train_epoch), {}
         for piece in self.pieces(train_epoch):
             w = piece.window
@@ -174,7 +175,7 @@ class EpochDataset(IterableDataset):
             start = ranges[w.shard][0]
             raw = shard_samples(self.manifest, "train", w.shard, w.first - start + int(needed[0]),
                                 int(needed[-1] - needed[0]) + 1)
-            views = replay_piece(iter(raw), plan, w.first, piece.lo, piece.hi, transform=transform, aug=self.aug,
+            views = replay_piece(iter(raw), plan, w.first, piece.lo, piece.hi, parts=parts, aug=self.aug,
                                  seed=self.seed, num_classes=c, source=self.manifest.shard_paths("train")[w.shard])
             yield from views if attach is None else map(attach, views)
 
@@ -209,10 +210,11 @@ def shuffled(stream: Iterator[Any], size: int, initial: int, rng: np.random.Gene
 def train_stream(manifest: Manifest, aug: AugConfig, seed: int, *, batch_size: int, view_epoch: Callable[[int], int],
                  rank: int, world: int, shuffle: int, workers: int,
                  join: Callable[[EpochPlan], Callable[[ReplaySample], Any]] | None = None,
-                 ) -> tuple[EpochDataset, DataLoader]:
+                 device: torch.device | str = "cpu") -> tuple[EpochDataset, ViewLoader]:
     """The student's training input for a whole run: the :class:`EpochDataset` (``set_epoch`` before each
     epoch's ``iter(loader)``) and one loader with persistent workers, full batches only, and its own
-    generator, so iterating it never draws from torch's global RNG."""
+    generator, so iterating it never draws from torch's global RNG. Views cross from the workers as uint8 and
+    are finished on ``device`` (:mod:`pipeline.handover`)."""
     ds = EpochDataset(manifest, aug, seed, batch_size=batch_size, view_epoch=view_epoch, rank=rank, world=world,
                       shuffle=shuffle, join=join)
     loader = DataLoader(
@@ -225,7 +227,7 @@ def train_stream(manifest: Manifest, aug: AugConfig, seed: int, *, batch_size: i
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
-    return ds, loader
+    return ds, ViewLoader(loader, aug, device)
 
 
 def val_units(manifest: Manifest) -> list[tuple[int, int]]:
@@ -238,11 +240,13 @@ def val_dataset(manifest: Manifest, aug: AugConfig, seed: int) -> ReplayDataset:
     return ReplayDataset(manifest, aug, seed, val_units(manifest), split="val")
 
 
-def make_loader(dataset: IterableDataset, batch_size: int, workers: int, drop_last: bool = False) -> DataLoader:
-    """Batches of replayed samples; workers each stream whole units (see ReplayDataset), each ending
-    with its own partial batch unless ``drop_last`` (see :func:`loader_batches`). It has its own generator,
-    so iterating it never draws from torch's global RNG."""
-    return DataLoader(
+def make_loader(dataset: IterableDataset, batch_size: int, workers: int, drop_last: bool = False,
+                device: torch.device | str = "cpu") -> ViewLoader:
+    """Batches of replayed samples, training views finished on ``device`` (:mod:`pipeline.handover`); workers
+    each stream whole units (see ReplayDataset), each ending with its own partial batch unless ``drop_last``
+    (see :func:`loader_batches`). It has its own generator, so iterating it never draws from torch's global RNG."""
+    aug = getattr(dataset, "aug", None)
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
@@ -252,3 +256,4 @@ def make_loader(dataset: IterableDataset, batch_size: int, workers: int, drop_la
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(0),
     )
+    return ViewLoader(loader, aug, device) if aug is not None else loader

@@ -18,7 +18,8 @@ from PIL import Image
 
 from pipeline.config import AugConfig
 from pipeline.errors import DistillError
-from pipeline.plan import EVAL_EPOCH, KIND_CUTMIX, KIND_MIXUP, KIND_NONE, EpochPlan, soft_target
+from pipeline.handover import Finisher, RawView, TrainParts, raw_view
+from pipeline.plan import EVAL_EPOCH, KIND_NONE, EpochPlan, soft_target
 from pipeline.rng import streams, view_keys, views_scope
 from pipeline.shards import decode_sample, sample_index
 
@@ -28,7 +29,12 @@ class ReplayError(DistillError, RuntimeError):
 
 
 class ReplaySample(NamedTuple):
-    """One training (or evaluation) view with everything needed to join and check its targets."""
+    """One training (or evaluation) view with everything needed to join and check its targets.
+
+    A training view is handed over raw (:mod:`pipeline.handover`): ``view`` is its uint8 base image,
+    ``partner_view`` its partner's, ``erase``/``partner_erase`` their erased boxes and ``box`` the CutMix
+    region; a :class:`pipeline.handover.ViewLoader` finishes it to float in the trainer. An evaluation
+    view is float already (the raw fields are empty)."""
 
     epoch: int  # the stored epoch replayed (EVAL_EPOCH for evaluation views)
     index: int
@@ -38,6 +44,10 @@ class ReplaySample(NamedTuple):
     partner: int
     kind: int
     lam: float
+    partner_view: torch.Tensor = torch.empty(0, dtype=torch.uint8)
+    erase: torch.Tensor = torch.zeros((0, 5), dtype=torch.int64)
+    partner_erase: torch.Tensor = torch.zeros((0, 5), dtype=torch.int64)
+    box: torch.Tensor = torch.zeros(4, dtype=torch.int64)
 
 
 def base_view(transform: Callable, img: Image.Image, seed: int, epoch: int, index: int) -> torch.Tensor:
@@ -59,18 +69,17 @@ def base_views(
     return out
 
 
-def mix_views(
-    view: torch.Tensor, partner_view: torch.Tensor, kind: int, lam: float, box: np.ndarray
-) -> torch.Tensor:
-    """Mixup blends, CutMix pastes the partner's box; the result belongs to the first sample."""
-    if kind == KIND_MIXUP:
-        return view * lam + partner_view * (1.0 - lam)
-    if kind == KIND_CUTMIX:
-        y0, y1, x0, x1 = (int(v) for v in box)
-        out = view.clone()
-        out[:, y0:y1, x0:x1] = partner_view[:, y0:y1, x0:x1]
-        return out
-    return view
+def raw_views(
+    parts: TrainParts, images: Iterable[Image.Image], seed: int, epoch: int, indices: Sequence[int] | np.ndarray
+) -> list[RawView]:
+    """The raw (uint8, to be finished) base views of ``indices``: :func:`base_views`' draws, handed over."""
+    out = []
+    draws = streams(view_keys(seed, epoch, np.asarray(indices, dtype=np.int64)))
+    with views_scope(record_erasing=True) as use:
+        for img, draw in zip(images, draws, strict=True):
+            use(draw)
+            out.append(raw_view(parts, img))
+    return out
 
 
 def piece_needs(plan: EpochPlan, first: int, lo: int, hi: int) -> np.ndarray:
@@ -87,13 +96,14 @@ def replay_piece(
     lo: int,
     hi: int,
     *,
-    transform: Callable,
+    parts: TrainParts,
     aug: AugConfig,
     seed: int,
     num_classes: int,
     source: str = "shard",
 ) -> Iterator[ReplaySample]:
-    """Replay positions ``lo .. hi - 1`` of the mixing window that starts at global index ``first``.
+    """Replay positions ``lo .. hi - 1`` of the mixing window that starts at global index ``first``, as raw
+    views (a sample and its partner share their uint8 base views in memory).
 
     ``samples`` yields the window's raw samples from position ``piece_needs(...)[0]`` on (it is advanced to
     the last position needed, no further); only the needed ones are decoded. A view is the same whatever
@@ -101,14 +111,15 @@ def replay_piece(
     needed = piece_needs(plan, first, lo, hi)
     labels: dict[int, int] = {}
     images = _decoded(samples, first, needed, labels, source)
-    views = dict(zip(needed.tolist(), base_views(transform, images, seed, plan.epoch, first + needed), strict=True))
+    views = dict(zip(needed.tolist(), raw_views(parts, images, seed, plan.epoch, first + needed), strict=True))
     for j in range(lo, hi):
         i = first - plan.start + j
         p = int(plan.partner[i]) - first
         kind, lam = int(plan.kind[i]), float(plan.lam[i])
-        view = mix_views(views[j], views[p], kind, lam, plan.box[i])
         target = soft_target(labels[j], labels[p], lam, num_classes, aug.smoothing)
-        yield ReplaySample(plan.epoch, first + j, view, torch.from_numpy(target), labels[j], first + p, kind, lam)
+        yield ReplaySample(plan.epoch, first + j, views[j].image, torch.from_numpy(target), labels[j], first + p,
+                           kind, lam, views[p].image, views[j].erase, views[p].erase,
+                           torch.from_numpy(plan.box[i].astype(np.int64)))
 
 
 def replay_unit(
@@ -116,7 +127,7 @@ def replay_unit(
     plan: EpochPlan,
     end: int,
     *,
-    transform: Callable,
+    parts: TrainParts,
     aug: AugConfig,
     seed: int,
     num_classes: int,
@@ -126,7 +137,7 @@ def replay_unit(
     it = iter(samples)
     for first in range(plan.start, end, aug.window):
         count = min(aug.window, end - first)
-        yield from replay_piece(it, plan, first, 0, count, transform=transform, aug=aug, seed=seed,
+        yield from replay_piece(it, plan, first, 0, count, parts=parts, aug=aug, seed=seed,
                                 num_classes=num_classes, source=source)
     extra = sum(1 for _ in it)
     if extra:
@@ -177,28 +188,34 @@ def replay_indices(
     plan: EpochPlan,
     indices: Sequence[int],
     *,
-    transform: Callable,
+    aug: AugConfig,
     seed: int,
 ) -> dict[int, torch.Tensor]:
-    """Rebuild the views of a few samples of one unit (for spot checks), with the same functions as
-    :func:`replay_unit`: only those samples and their partners are decoded and augmented."""
+    """Rebuild the (finished, CPU) views of a few samples of one unit (for spot checks), with the same functions
+    as :func:`replay_unit` and the trainer: only those samples and their partners are decoded and augmented."""
     start = plan.start
     wanted = {int(i) for i in indices}
     outside = [i for i in wanted if not 0 <= i - start < len(plan)]
     if outside:
         raise ReplayError(f"indices {sorted(outside)[:5]} are not in unit (epoch {plan.epoch}, shard {plan.shard})")
     needed = wanted | {int(plan.partner[i - start]) for i in wanted}
-    base: dict[int, torch.Tensor] = {}
+    parts, base = TrainParts.of(aug), {}
     for raw in samples:
         if sample_index(raw) not in needed:  # skip decoding the images not needed
             continue
         index, _, img = decode_sample(raw)
-        base[index] = base_view(transform, img, seed, plan.epoch, index)
+        base[index] = raw_views(parts, [img], seed, plan.epoch, [index])[0]
     missing = needed - set(base)
     if missing:
         raise ReplayError(f"samples {sorted(missing)[:5]} are not in the shard of epoch {plan.epoch}")
+    finish = Finisher(aug)
     out = {}
     for i in wanted:
         r = i - start
-        out[i] = mix_views(base[i], base[int(plan.partner[r])], int(plan.kind[r]), float(plan.lam[r]), plan.box[r])
+        p = base[int(plan.partner[r])]
+        one = ReplaySample(plan.epoch, i, base[i].image[None], torch.zeros(0), 0, int(plan.partner[r]),
+                           torch.tensor([int(plan.kind[r])]), torch.tensor([float(plan.lam[r])], dtype=torch.float64),
+                           p.image[None], base[i].erase[None], p.erase[None],
+                           torch.from_numpy(plan.box[r : r + 1].astype(np.int64)))
+        out[i] = finish(one)[0]
     return out

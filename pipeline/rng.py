@@ -217,16 +217,37 @@ class _ScopedNumpy:
         return getattr(np, name)
 
 
+class NoiseSeed(int):
+    """An erased box's noise, not drawn but recorded by its seed (the uint8 hand-over: see
+    :func:`erasing_noise`, which draws the very same numbers later, in the trainer)."""
+
+
+def erasing_noise(seed: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The normal noise an erased box of ``shape`` gets from ``seed``: what :func:`_erasing_pixels` draws, on a
+    CPU generator wherever the view is finished (a CUDA generator would give other numbers)."""
+    gen = _generators.get("cpu")
+    if gen is None:
+        gen = _generators["cpu"] = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    return torch.empty(tuple(shape), dtype=dtype).normal_(generator=gen)
+
+
 def _erasing_pixels(per_pixel: bool, rand_color: bool, patch_size: Any, dtype: torch.dtype = torch.float32,
-                    device: Any = "cuda") -> torch.Tensor:
-    """timm's ``random_erasing._get_pixels`` with the normal noise drawn from the view's stream."""
+                    device: Any = "cuda") -> torch.Tensor | NoiseSeed:
+    """timm's ``random_erasing._get_pixels`` with the normal noise drawn from the view's stream (or only its
+    seed, when the scope records erasing)."""
     if not (per_pixel or rand_color):
         return torch.zeros((patch_size[0], 1, 1), dtype=dtype, device=device)
+    seed = _draws.bits53()
+    if _recording:
+        return NoiseSeed(seed)
+    shape = patch_size if per_pixel else (patch_size[0], 1, 1)
+    if str(device) == "cpu":
+        return erasing_noise(seed, shape, dtype)
     gen = _generators.get(device)
     if gen is None:
         gen = _generators[device] = torch.Generator(device=device)
-    gen.manual_seed(_draws.bits53())
-    shape = patch_size if per_pixel else (patch_size[0], 1, 1)
+    gen.manual_seed(seed)
     return torch.empty(shape, dtype=dtype, device=device).normal_(generator=gen)
 
 
@@ -235,7 +256,8 @@ _lock = threading.Lock()
 _draws = SampleRandom()
 _np = _ScopedNumpy(_draws)
 _timm_pixels = random_erasing._get_pixels
-_generators: dict[Any, torch.Generator] = {}  # one per device, re-seeded per use (under the lock)
+_generators: dict[Any, torch.Generator] = {}  # one per device, re-seeded per use
+_recording = False  # inside views_scope(record_erasing=True): erasing noise is recorded by seed, not drawn
 
 draws: Any = random
 """What the project's own random transforms draw from: the global ``random`` module, or the view's
@@ -243,21 +265,22 @@ draws: Any = random
 
 
 @contextmanager
-def views_scope() -> Iterator[Callable[[Stream], None]]:
+def views_scope(record_erasing: bool = False) -> Iterator[Callable[[Stream], None]]:
     """Route every random draw of timm's transforms (and ours) to :class:`SampleRandom` for a block of
-    views; the block calls the yielded ``use(stream)`` before each view to switch to its stream."""
-    global draws
+    views; the block calls the yielded ``use(stream)`` before each view to switch to its stream. With
+    ``record_erasing`` timm's erasing gets a :class:`NoiseSeed` for each box instead of its noise."""
+    global draws, _recording
     modules = _MODULES
     with _lock:
         for mod in modules:
             mod.random = _draws
         auto_augment.np = _np
         random_erasing._get_pixels = _erasing_pixels
-        draws = _draws
+        draws, _recording = _draws, record_erasing
         try:
             yield _draws.use
         finally:
-            draws = random
+            draws, _recording = random, False
             random_erasing._get_pixels = _timm_pixels
             auto_augment.np = np
             for mod in modules:

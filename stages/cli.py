@@ -199,7 +199,12 @@ def verify(cfg: Config, samples: int, seed: int, min_agreement: float, max_logit
     click.echo(
         f"verify: {report.units} unit(s) read back, {len(report.damaged)} damaged, {report.nan} with NaN; "
         f"{report.agree}/{report.checked} hard labels agree ({report.agreement:.2%}), "
-        f"max |delta logit| {report.max_abs_logit_diff:.4g}"
+        f"max |delta logit| {report.max_abs_logit_diff:.4g}; "
+        + ("views finished on the CPU only (no device to compare)" if report.device_view_diff is None else
+           "CPU- and device-finished views identical: stored targets hold on either"
+           if report.device_view_diff == 0 else
+           f"CPU- and device-finished views differ by up to {report.device_view_diff:.3g}: targets stored from "
+           "one device type are approximate on the other")
     )
     problems = [*report.damaged]
     if report.nan:
@@ -310,12 +315,24 @@ def store_group() -> None:
 
 @store_group.command("describe")
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A config whose student.epochs to check against the store (see --student-epochs).")
+@click.option("--student-epochs", type=click.IntRange(min=1), default=None,
+              help="Also print the reuse factor a student run of this many epochs would have on this store "
+                   "(each stored epoch replayed student-epochs / E times), and whether it is above the limit.")
 @friendly
-def store_describe(path: Path) -> None:
+def store_describe(path: Path, config_path: Path | None, student_epochs: int | None) -> None:
     """Print shape, K, E, completed epochs, bytes on disk and provenance of the store at PATH."""
     import store
+    from pipeline.reuse import REUSE_LIMIT, reuse_factor, reuse_warning
 
     click.echo(store.describe(path))
+    if student_epochs is None and config_path is not None:
+        student_epochs = load_config(config_path).student.epochs
+    if student_epochs is not None:
+        e = store.spec_of(store.open_store(path)).epochs
+        note = reuse_warning(student_epochs, e) or f"within the limit of {REUSE_LIMIT:g}"
+        click.echo(f"reuse: {student_epochs} student epochs / E={e} = {reuse_factor(student_epochs, e):.1f}; {note}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pipeline.losses import (
 from pipeline.models import create_student, load_teacher, resolve_teacher, teacher_forward, teacher_identity
 from pipeline.plan import stored_epoch
 from pipeline.progress import progress_bar
+from pipeline.reuse import reuse_warning
 from pipeline.run_store import open_complete_store
 from pipeline.sampling import steps_per_epoch
 from pipeline.shards import Manifest, open_shards
@@ -258,6 +260,9 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
     sc, out = cfg.student, str(cfg.student.output)
     mode, workers = teacher_mode or sc.teacher_mode, sc.workers if workers is None else workers
     manifest = open_shards(cfg)
+    warning = reuse_warning(sc.epochs, cfg.teacher.epochs) if mode == "offline" and sc.distillation != "none" else None
+    if warning and env.is_main:
+        print(f"warning: {warning}", file=sys.stderr)
     join, targets, teacher_id = _teacher(cfg, manifest, mode, env.device)
     identity = run_identity(cfg, manifest, mode, teacher_id)
     ckpt = load_checkpoint(checkpoint_path(out)) if location(checkpoint_path(out)).is_file() and not restart else None
@@ -268,7 +273,7 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
         print(f"student: resuming {checkpoint_path(out)} after epoch {start} on {env.world} rank(s) x {batch}")
     train, loader = train_stream(manifest, cfg.aug, cfg.seed, batch_size=batch, rank=env.rank, world=env.world,
                                  view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
-                                 shuffle=sc.shuffle, workers=workers, join=join)
+                                 shuffle=sc.shuffle, workers=workers, join=join, device=env.device)
     val_loader = make_loader(val_dataset(manifest, cfg.aug, cfg.seed), cfg.evaluate.batch_size, workers)
     tr.schedule(start)
     for epoch in range(start, sc.epochs if until_epoch is None else min(sc.epochs, until_epoch)):

@@ -21,7 +21,8 @@ from stages.common import StageError
 
 
 class StudentSample(NamedTuple):
-    """A replayed view with its unit's stored teacher targets (top-k, logsumexp, hard label)."""
+    """A replayed view with its unit's stored teacher targets (top-k, logsumexp, hard label); the view is raw,
+    with what :mod:`pipeline.handover` needs to finish it in the trainer."""
 
     epoch: int
     index: int
@@ -32,6 +33,12 @@ class StudentSample(NamedTuple):
     t_logits: np.ndarray
     t_classes: np.ndarray
     t_lse: float
+    kind: int
+    lam: float
+    partner_view: torch.Tensor
+    erase: torch.Tensor
+    partner_erase: torch.Tensor
+    box: torch.Tensor
 
 
 class StoreJoin:
@@ -62,6 +69,7 @@ class StoreJoin:
             return StudentSample(
                 s.epoch, s.index, s.view, s.target, s.label, int(unit.hard_label[r]),
                 unit.topk_logits[r], classes[r], float(unit.logsumexp[r]),
+                s.kind, s.lam, s.partner_view, s.erase, s.partner_erase, s.box,
             )
 
         return attach

@@ -66,7 +66,7 @@ def _compute(cfg: Config, model, device: torch.device, group, manifest: Manifest
         collector = Collector(group, source, split, k, claims, str(cfg.store.path))
         ds = ReplayDataset(source, cfg.aug, cfg.seed, units, split="train" if split == "clean" else split,
                            evaluation=split != "train")
-        for batch in make_loader(ds, batch_size, workers):
+        for batch in make_loader(ds, batch_size, workers, device=device):
             logits = teacher_forward(model, batch.view, device).numpy()
             collector.add(batch.epoch.numpy(), batch.index.numpy(), logits, batch)
             bar.update(len(batch.index))

@@ -80,7 +80,7 @@ def _fit(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.
             units = [(FIT_EPOCH_BASE + epoch, s) for s in shards]
             ds = ReplayDataset(manifest, fit_aug, cfg.seed, units, shuffle=min(4096, n_train))
             loss_sum = seen = 0.0
-            for batch in make_loader(ds, fit.batch_size, cfg.teacher.workers):
+            for batch in make_loader(ds, fit.batch_size, cfg.teacher.workers, device=device):
                 x, y = batch.view.to(device), batch.target.to(device)
                 loss = soft_target_cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)

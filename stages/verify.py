@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 import store
-from pipeline.augment import train_transform
-from pipeline.config import Config
+from pipeline.config import AugConfig, Config
 from pipeline.distributed import resolve_device
 from pipeline.files import use_storage_options
+from pipeline.handover import Finisher
+from pipeline.loading import ReplayDataset
 from pipeline.models import load_teacher, resolve_teacher, teacher_forward
 from pipeline.plan import check_plan, epoch_plan
 from pipeline.progress import progress_bar
@@ -38,6 +40,8 @@ class VerifyReport:
     checked: int = 0
     agree: int = 0
     max_abs_logit_diff: float = 0.0
+    device_view_diff: float | None = None
+    """Largest |CPU-finished − device-finished| over a batch of training views; None on a CPU-only run."""
 
     @property
     def agreement(self) -> float:
@@ -47,14 +51,14 @@ class VerifyReport:
 def check_units(group, progress: bool = False) -> tuple[int, list[str], int, set[tuple[int, int]]]:
     """Read back every done unit: (units read, messages of the damaged ones, units with NaN, good train
     units)."""
-    done, vdone = store.done_mask(group), store.val_done_mask(group)
-    units = [("train", int(e), int(s)) for e, s in np.argwhere(done)]
-    units += [("val", 0, int(s)) for s in np.flatnonzero(vdone)]
+    units = [("train", int(e), int(s)) for e, s in np.argwhere(store.done_mask(group))]
+    for split in store.VIEW_SPLITS:  # val, and the clean pass over every training image
+        units += [(split, 0, int(s)) for s in np.flatnonzero(store.val_done_mask(group, split))]
     damaged, nan, good = [], 0, set()
     with progress_bar(len(units), "verify: checking units", "unit", progress) as bar:
         for split, e, s in units:
             try:
-                u = store.read_train_unit(group, e, s) if split == "train" else store.read_val_unit(group, s)
+                u = store.read_train_unit(group, e, s) if split == "train" else store.read_val_unit(group, s, split)
             except store.DamagedUnit as err:
                 damaged.append(str(err))
             else:
@@ -91,13 +95,12 @@ def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", 
     n_units, damaged, nan, good = check_units(group, progress)
     if n_units == 0:
         raise store.MissingUnit(f"{cfg.store.path}: no completed units to verify; run `distill teacher`")
-    transform, ranges = train_transform(cfg.aug), manifest.ranges("train")
+    ranges = manifest.ranges("train")
     checked = agree = 0
     max_diff = 0.0
     for (e, s), idx in sorted(_picks(manifest, good, samples, seed).items()) if good else []:
         plan = epoch_plan(cfg.aug, cfg.seed, e, s, *ranges[s])
-        views = replay_indices(shard_samples(manifest, "train", s), plan, sorted(idx), transform=transform,
-                               seed=cfg.seed)
+        views = replay_indices(shard_samples(manifest, "train", s), plan, sorted(idx), aug=cfg.aug, seed=cfg.seed)
         order = sorted(views)
         logits = teacher_forward(model, torch.stack([views[i] for i in order]), dev).numpy()
         unit = store.read_train_unit(group, e, s)
@@ -107,4 +110,16 @@ def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", 
         recomputed = np.take_along_axis(logits, unit.topk_classes[rows].astype(np.int64), axis=1)
         max_diff = max(max_diff, float(np.abs(recomputed - unit.topk_logits[rows]).max()))
         checked += len(order)
-    return VerifyReport(n_units, damaged, nan, checked, agree, max_diff)
+    view_diff = device_view_diff(manifest, cfg.aug, cfg.seed, min(good), dev) if good else None
+    return VerifyReport(n_units, damaged, nan, checked, agree, max_diff, view_diff)
+
+
+def device_view_diff(manifest: Manifest, aug: AugConfig, seed: int, unit: tuple[int, int],
+                     device: torch.device) -> float | None:
+    """Finish one batch of a unit's raw training views on the CPU and on ``device``: the largest difference
+    (0 means targets stored from views made on one device type hold for the other). None on the CPU."""
+    if device.type == "cpu":
+        return None
+    raw = next(iter(DataLoader(ReplayDataset(manifest, aug, seed, [unit]), batch_size=64)))
+    finish = Finisher(aug)
+    return float((finish(raw, "cpu") - finish(raw, device).cpu()).abs().max())

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import derive, free_port, make_config, make_idx, save_random_teacher, write_yaml
-from torch.utils.data import DataLoader
 
 from pipeline.config import Config
-from pipeline.loading import ReplayDataset, train_stream
+from pipeline.loading import ReplayDataset, make_loader, train_stream
 from pipeline.plan import stored_epoch
 from pipeline.sampling import epoch_order, steps_per_epoch, worker_pieces
 from pipeline.shards import load_manifest
@@ -106,8 +105,8 @@ def test_pieces_make_the_same_views_and_targets_as_whole_units(mixed, workers):
     """A view is the same whether its window is replayed whole (the teacher stage) or cut into pieces."""
     m = load_manifest(mixed.data.shards)
     whole = {}
-    for b in DataLoader(ReplayDataset(m, mixed.aug, mixed.seed, [(1, s) for s in range(3)],
-                                      join=StoreJoin(mixed.store.path)), batch_size=5):
+    for b in make_loader(ReplayDataset(m, mixed.aug, mixed.seed, [(1, s) for s in range(3)],
+                                       join=StoreJoin(mixed.store.path)), 5, 0):
         for j in range(len(b.index)):
             whole[int(b.index[j])] = (b.view[j].numpy().tobytes(), int(b.t_hard[j]))
     for world in (1, 3):
@@ -127,7 +126,7 @@ def test_persistent_workers_move_to_the_next_epoch(mixed):
         assert len(batches) == ds.steps() == 6
         seen.append(sorted(int(i) for b in batches for i in b.index))
         assert seen[-1] == sorted(i for r in trained(1, 2, 4, epoch) for i in r)
-    assert loader._iterator is not None and loader._iterator._workers  # the same worker processes throughout
+    assert loader.loader._iterator is not None and loader.loader._iterator._workers  # the same workers throughout
 
 
 # ------------------------------------------------------------------------------------------ torchrun

@@ -14,13 +14,12 @@ import pytest
 import torch
 from conftest import make_idx
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from pipeline.augment import train_transform
 from pipeline.config import AugConfig, Config
-from pipeline.loading import ReplayDataset
+from pipeline.handover import TrainParts, mix_views
+from pipeline.loading import ReplayDataset, make_loader
 from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE, epoch_plan, soft_target
-from pipeline.replay import ReplayError, mix_views, replay_indices, replay_unit
+from pipeline.replay import ReplayError, replay_indices, replay_unit
 from pipeline.shards import ShardError, load_manifest, shard_samples
 from stages import ingest
 
@@ -46,7 +45,7 @@ def _collect(cfg: Config, shards: Path, epoch: int = 0, **kw) -> dict[int, tuple
     m = load_manifest(shards)
     units = kw.pop("units", [(epoch, s) for s in range(len(m.ranges("train")))])
     ds = ReplayDataset(m, cfg.aug, cfg.seed, units)
-    loader = DataLoader(ds, batch_size=kw.pop("batch_size", 5), num_workers=kw.pop("num_workers", 0))
+    loader = make_loader(ds, kw.pop("batch_size", 5), kw.pop("num_workers", 0))
     out = {}
     for b in loader:
         for j in range(len(b.index)):
@@ -167,7 +166,7 @@ def _unit(shards, shard: int):
 
 
 def _replay(cfg, m, plan, end, samples) -> list:
-    return list(replay_unit(samples, plan, end, transform=train_transform(cfg.aug), aug=cfg.aug, seed=cfg.seed,
+    return list(replay_unit(samples, plan, end, parts=TrainParts.of(cfg.aug), aug=cfg.aug, seed=cfg.seed,
                             num_classes=m.num_classes))
 
 
@@ -190,7 +189,7 @@ def test_a_sample_with_a_non_integer_index_is_refused_by_name(shards):
     cfg, _, plan, _, samples = _unit(shards, 0)
     samples[2] = {**samples[2], "idx": b"x2"}
     with pytest.raises(ShardError, match="field 'idx' is not an integer: 'x2'"):
-        replay_indices(samples, plan, [plan.start], transform=train_transform(cfg.aug), seed=cfg.seed)
+        replay_indices(samples, plan, [plan.start], aug=cfg.aug, seed=cfg.seed)
 
 
 @pytest.mark.parametrize(("img_size", "crop_pct", "channels", "shape"), [

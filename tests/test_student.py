@@ -30,12 +30,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 from conftest import make_config, rewrite_unit, undo_unit, write_idx
-from torch.utils.data import DataLoader
 
 import store
 from pipeline.audit_tables import store_plans
 from pipeline.config import Config
-from pipeline.loading import ReplayDataset
+from pipeline.loading import ReplayDataset, make_loader
 from pipeline.models import create_teacher, save_teacher_checkpoint
 from pipeline.shards import load_manifest
 from stages import ingest
@@ -146,7 +145,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     model.train()
     for epoch in range(4):
         ds = ReplayDataset(m, cfg.aug, cfg.seed, [(1000 + epoch, s) for s in shards], shuffle=64)
-        for b in DataLoader(ds, batch_size=32):
+        for b in make_loader(ds, 32, 0):
             loss = torch.nn.functional.cross_entropy(model(b.view), b.label)
             opt.zero_grad()
             loss.backward()
@@ -157,7 +156,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
             mod.reset_running_stats()
             mod.momentum = None
     with torch.no_grad():
-        for b in DataLoader(ReplayDataset(m, cfg.aug, cfg.seed, [(2000, s) for s in shards]), batch_size=40):
+        for b in make_loader(ReplayDataset(m, cfg.aug, cfg.seed, [(2000, s) for s in shards]), 40, 0):
             model(b.view)
     model.eval()
     path = tmp / "teacher.pt"
@@ -395,7 +394,7 @@ def test_store_join_in_two_workers_gives_the_same_samples(mixed):
     for workers in (0, 2):
         ds = ReplayDataset(m, mixed.aug, mixed.seed, units, join=StoreJoin(mixed.store.path))
         rows = {}
-        for b in DataLoader(ds, batch_size=4, num_workers=workers):
+        for b in make_loader(ds, 4, workers):
             for j in range(len(b.index)):
                 rows[int(b.index[j])] = (int(b.t_hard[j]), b.t_logits[j].numpy().tobytes(), b.view[j].numpy().tobytes())
         got[workers] = rows
@@ -410,3 +409,33 @@ def test_checkpoint_from_another_configuration_is_refused_unless_restart(mixed, 
         student_stage.run(other, progress=False, device="cpu")
     student_stage.run(other, progress=False, device="cpu", restart=True)
     assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- reuse
+
+
+def test_reuse_warning_fires_above_the_measured_limit_and_not_at_or_below_it():
+    from pipeline.reuse import REUSE_LIMIT, reuse_warning
+
+    e = 4
+    at_limit, above = int(REUSE_LIMIT * e), int(REUSE_LIMIT * e) + 1
+    assert reuse_warning(at_limit, e) is None and reuse_warning(1, e) is None
+    msg = reuse_warning(above, e)
+    assert msg is not None and f"student.epochs {above}" in msg and f"teacher.epochs {e}" in msg
+    assert f"teacher.epochs >= {-(-above // REUSE_LIMIT):.0f}" in msg
+
+
+def test_student_stage_warns_once_about_reuse_and_describe_prints_the_factor(mixed, tmp_path, capsys):
+    from pipeline.reuse import REUSE_LIMIT
+
+    e = mixed.teacher.epochs
+    many = with_student(mixed, epochs=int(REUSE_LIMIT * e) + 1, distillation="hard", output=str(tmp_path / "many"))
+    student_stage.run(many, progress=False, device="cpu", until_epoch=1)
+    assert capsys.readouterr().err.count("warning: student.epochs") == 1
+    few = with_student(many, epochs=e, output=str(tmp_path / "few"))
+    student_stage.run(few, progress=False, device="cpu", until_epoch=1)
+    assert "warning" not in capsys.readouterr().err
+    result = CliRunner().invoke(cli_main, ["store", "describe", str(mixed.store.path), "--student-epochs",
+                                           str(int(REUSE_LIMIT * e) + 1)])
+    assert result.exit_code == 0 and f"reuse: {int(REUSE_LIMIT * e) + 1} student epochs / E={e}" in result.output
+    assert "above" in result.output

@@ -1,0 +1,34 @@
+"""How often a student replays each stored epoch, and when that is too often.
+
+Student epoch t replays stored epoch t mod E, so a run of ``student.epochs`` sees each of the store's E
+augmented epochs, with the teacher's same answers, ``student.epochs / E`` times: the reuse factor. On the
+demo recipe the accuracy-vs-E curve (README, "How many epochs to store") is flat up to
+:data:`REUSE_LIMIT` and drops beyond it; above it ``distill student`` warns.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["REUSE_LIMIT", "reuse_factor", "reuse_warning"]
+
+REUSE_LIMIT = 5.0
+"""The largest reuse factor at which the demo's curve kept its accuracy (measured: see the module docstring)."""
+
+
+def reuse_factor(student_epochs: int, stored_epochs: int) -> float:
+    """Times each stored epoch is replayed by a run of ``student_epochs``."""
+    return student_epochs / stored_epochs
+
+
+def reuse_warning(student_epochs: int, stored_epochs: int) -> str | None:
+    """A one-paragraph warning when the reuse factor exceeds :data:`REUSE_LIMIT`, naming both values and what to
+    change; None otherwise."""
+    factor = reuse_factor(student_epochs, stored_epochs)
+    if factor <= REUSE_LIMIT:
+        return None
+    need = math.ceil(student_epochs / REUSE_LIMIT)
+    return (f"student.epochs {student_epochs} replays each of the store's teacher.epochs {stored_epochs} stored "
+            f"epochs {factor:.1f} times, above {REUSE_LIMIT:g}, where the demo's accuracy-vs-E curve starts to "
+            f"drop (README, 'How many epochs to store'): store teacher.epochs >= {need} (a new store) or "
+            f"train fewer student epochs")
