@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from pipeline.checkpoint import load_student
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, overridden
 from pipeline.evaluation import collect_logits
 from pipeline.files import location
 from pipeline.loading import make_loader, val_dataset
@@ -41,16 +41,6 @@ from pipeline.shards import open_shards
 from stages import evaluate, ingest, student, teacher, teacher_fit
 
 E_POINTS = (1, 2, 5, 10, 25)
-
-
-def derive(cfg: Config, **sections: dict[str, Any]) -> Config:
-    raw = cfg.model_dump(mode="json")
-    for name, values in sections.items():
-        if isinstance(raw.get(name), dict):
-            raw[name].update(values)
-        else:
-            raw[name] = values
-    return Config.model_validate(raw)
 
 
 def val_distill_loss(cfg: Config, folder: Path) -> float:
@@ -68,14 +58,14 @@ def val_distill_loss(cfg: Config, folder: Path) -> float:
 
 def train(cfg: Config, out: Path, **student_cfg: Any) -> tuple[Config, dict[str, Any]]:
     """One student run (resumed if it exists) and its last history row."""
-    cfg = derive(cfg, student={**student_cfg, "output": str(out)})
+    cfg = overridden(cfg, [f"student.{k}={v}" for k, v in {**student_cfg, "output": out}.items()])
     student.run(cfg, progress=False)
     history = pd.read_csv(out / "history.csv")
     return cfg, history.iloc[-1].to_dict()
 
 
 def top1(cfg: Config, folders: dict[str, Path]) -> dict[str, float]:
-    models = evaluate.run(derive(cfg, evaluate={"output": str(folders[next(iter(folders))].parent / "eval")}),
+    models = evaluate.run(overridden(cfg, [f"evaluate.output={folders[next(iter(folders))].parent / 'eval'}"]),
                           students=folders, device="cpu")["models"]
     return {name: float(m["top1"]) for name, m in models.items()}
 
@@ -83,14 +73,14 @@ def top1(cfg: Config, folders: dict[str, Path]) -> dict[str, float]:
 def curve(cfg: Config, out: Path, points: tuple[int, ...]) -> pd.DataFrame:
     rows = []
     for e in points:
-        c = derive(cfg, teacher={"epochs": e}, store={"path": str(out / "stores" / f"E{e}.zarr")})
+        c = overridden(cfg, [f"teacher.epochs={e}", f"store.path={out / 'stores' / f'E{e}.zarr'}"])
         t0 = time.perf_counter()
         teacher.run(c, progress=False)
         seconds = time.perf_counter() - t0
         rows.append(_point(c, out / f"hard-E{e}", f"hard, E = {e}", e, seconds, distillation="hard"))
         print(rows[-1], flush=True)
     # the ceiling and the floor replay fresh views every epoch (the largest E): no reuse of views either
-    c = derive(cfg, teacher={"epochs": max(points)}, store={"path": str(out / "stores" / f"E{max(points)}.zarr")})
+    c = overridden(cfg, [f"teacher.epochs={max(points)}", f"store.path={out / 'stores' / f'E{max(points)}.zarr'}"])
     rows.append(_point(c, out / "hard-online", "hard, online teacher", None, None, distillation="hard",
                        teacher_mode="online"))
     rows.append(_point(c, out / "none", "none", None, None, distillation="none"))
@@ -144,12 +134,11 @@ def seeds(cfg: Config, out: Path, seed_list: tuple[int, ...], curve_dir: Path) -
         base = out / f"seed{s}"
         e = cfg.teacher.epochs
         if s == cfg.seed:
-            c = derive(cfg, store={"path": str(curve_dir / "stores" / f"E{e}.zarr")})
+            c = overridden(cfg, [f"store.path={curve_dir / 'stores' / f'E{e}.zarr'}"])
             reuse = {"hard": curve_dir / f"hard-E{e}"}
         else:
-            c = derive(cfg, seed=s, data={"shards": str(base / "shards")},
-                       teacher={"fit": {**cfg.teacher.fit.model_dump(mode="json"), "output": str(base / "teacher.pt")}},
-                       store={"path": str(base / "logits.zarr")})
+            c = overridden(cfg, [f"seed={s}", f"data.shards={base / 'shards'}",
+                                 f"teacher.fit.output={base / 'teacher.pt'}", f"store.path={base / 'logits.zarr'}"])
             reuse = {}
             ingest.run(c, progress=False)
             teacher_fit.run(c, progress=False)

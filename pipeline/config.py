@@ -308,6 +308,17 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
 
 
+def overridden(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``cfg`` with ``a.b=value`` overrides applied (as ``-s`` does), validated again."""
+    raw = cfg.model_dump(mode="json")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation("overrides", e)) from None
+
+
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load, override (``a.b=value``, YAML-typed) and validate a config; errors name file, key and value."""
     path = Path(path) if path is not None else DEFAULT_CONFIG

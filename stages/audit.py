@@ -62,7 +62,8 @@ def run(
     inputs = load_audit(cfg.store.path, cfg.data.shards, epochs=epochs)
     tables = audit_frames(
         inputs.train, inputs.val, inputs.images, inputs.names, top=top, threshold=threshold, ranking=ranking,
-        compare=available_rankings(), probs=inputs.clean_probs, val_images=inputs.val_images,
+        compare=available_rankings() if inputs.images["planted"].any() else (), probs=inputs.clean_probs,
+        val_images=inputs.val_images,
     )
     done = store.done_mask(inputs.group)
     info = {

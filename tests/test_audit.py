@@ -127,46 +127,32 @@ def build(tmp: Path) -> Planted:
             tl, tc, _, lse = store.topk_from_logits(np.stack(rows), K)
             store.write_train_unit(group, e, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=labels[a:b],
                                    plan=(partner, kind, lam))
-    val_views = []
-    for s, (a, b) in enumerate(spec.val_ranges):
-        rows = []
-        for i in range(a, b):
-            y = int(val_labels[i])
-            teacher, how = y, "agree"
-            if i == VAL_CONFIDENT:
-                teacher, how = (y + 1) % C, "8.0"
-            elif i == VAL_WEAK:
-                teacher, how = (y + 2) % C, "weak"
-            x = logits_for(rng, y, teacher, how)
-            rows.append(x)
-            val_views.append(dict(index=i, shard=s, label=y, teacher=teacher, logits=x))
-        tl, tc, _, lse = store.topk_from_logits(np.stack(rows), K)
-        store.write_val_unit(group, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=val_labels[a:b])
-    clean_views = _write_clean(group, spec, labels, confident, weak, rng)
+    val_views = _write_eval_split(group, "val", spec.val_ranges, val_labels, rng,
+                                  {VAL_CONFIDENT: (1, "8.0"), VAL_WEAK: (2, "weak")})
+    # the clean pass: the confident indices contradicted (label pushed out of the top-k), the weak one with
+    # the label second, every other image agreed with
+    plant = {i: (1, str(STRENGTHS[n])) for n, i in enumerate(confident)} | {weak: (2, "weak")}
+    clean_views = _write_eval_split(group, "clean", spec.clean_ranges, labels, rng, plant)
     store.finalize(cfg.store.path)
     return Planted(tmp, cfg, Path(cfg.store.path), shards, labels, val_labels, views, val_views, clean_views,
                    confident, weak, plans)
 
 
-def _write_clean(group, spec, labels, confident: list[int], weak: int, rng) -> list[dict]:
-    """The clean pass: the confident indices contradicted (label pushed out of the top-k), the weak one
-    contradicted with the label second, every other image agreed with."""
+def _write_eval_split(group, split: str, ranges, labels, rng, plant: dict[int, tuple[int, str]]) -> list[dict]:
+    """Units of evaluation views: the teacher agrees with every label but the planted ones, which it names
+    ``label + offset`` with the given strength."""
     out = []
-    for s, (a, b) in enumerate(spec.clean_ranges):
+    for s, (a, b) in enumerate(ranges):
         rows = []
         for i in range(a, b):
             y = int(labels[i])
-            teacher, how = y, "agree"
-            if i in confident:
-                teacher, how = (y + 1) % C, str(STRENGTHS[confident.index(i)])
-            elif i == weak:
-                teacher, how = (y + 2) % C, "weak"
-            x = logits_for(rng, y, teacher, how)
+            offset, how = plant.get(i, (0, "agree"))
+            x = logits_for(rng, y, (y + offset) % C, how)
             rows.append(x)
-            out.append(dict(index=i, shard=s, label=y, teacher=teacher, logits=x))
+            out.append(dict(index=i, shard=s, label=y, teacher=(y + offset) % C, logits=x))
         tl, tc, _, lse = store.topk_from_logits(np.stack(rows), K)
         store.write_val_unit(group, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=labels[a:b],
-                             split="clean")
+                             split=split)
     return out
 
 
