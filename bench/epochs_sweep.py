@@ -86,7 +86,7 @@ def curve(cfg: Config, out: Path, points: tuple[int, ...]) -> pd.DataFrame:
     rows.append(_point(c, out / "none", "none", None, None, distillation="none"))
     df = pd.DataFrame(rows)
     df.to_csv(out / "curve.csv", index=False)
-    _plot(df, out / "curve.png", cfg.student.epochs)
+    _plot(df, out / "curve.png", cfg.student.epochs, open_shards(cfg).count("val"))
     return df
 
 
@@ -100,7 +100,7 @@ def _point(cfg: Config, folder: Path, name: str, e: int | None, seconds: float |
             "val_distill_loss": val_loss}
 
 
-def _plot(df: pd.DataFrame, path: Path, epochs: int) -> None:
+def _plot(df: pd.DataFrame, path: Path, epochs: int, val_images: int) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -108,7 +108,8 @@ def _plot(df: pd.DataFrame, path: Path, epochs: int) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     pts = df.dropna(subset=["E"])
-    ax.plot(pts["E"], 100 * pts["top1"], "o-", label="hard, stored teacher")
+    se = 100 * np.sqrt(pts["top1"] * (1 - pts["top1"]) / val_images)  # binomial standard error of each point
+    ax.errorbar(pts["E"], 100 * pts["top1"], yerr=se, fmt="o-", capsize=3, label="hard, stored teacher (± 1 SE)")
     for run, style in (("hard, online teacher", "--"), ("none", ":")):
         row = df[df["run"] == run]
         if len(row):
