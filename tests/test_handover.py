@@ -15,7 +15,7 @@ import store
 from pipeline.augment import train_transform
 from pipeline.config import Config
 from pipeline.handover import Finisher, mix_views
-from pipeline.loading import ReplayDataset, make_loader
+from pipeline.loading import ReplayDataset, make_loader, train_stream
 from pipeline.plan import epoch_plan
 from pipeline.replay import base_views
 from pipeline.shards import decode_sample, load_manifest, shard_samples
@@ -67,6 +67,18 @@ def test_views_finished_in_the_trainer_equal_the_one_process_views_to_the_bit(tm
     reference = one_process_views(cfg, epoch=1)
     for workers in (0, 2):
         assert handed_over(cfg, 1, workers) == reference
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_students_stream_finishes_the_same_views_as_one_process(tmp_path, workers):
+    """The student stage's loader (window pieces dealt to workers, shuffle buffer of shared uint8 views)."""
+    cfg = shards(tmp_path, 3)
+    reference = one_process_views(cfg, epoch=0)
+    ds, loader = train_stream(load_manifest(cfg.data.shards), cfg.aug, cfg.seed, batch_size=4, view_epoch=lambda t: 0,
+                              rank=0, world=1, shuffle=8, workers=workers)
+    ds.set_epoch(0)
+    got = {int(i): v.numpy().tobytes() for b in loader for i, v in zip(b.index, b.view, strict=True)}
+    assert len(got) == 24 and all(got[i] == reference[i] for i in got)
 
 
 def test_finishing_a_batch_on_the_cpu_twice_gives_the_same_bits(tmp_path):
