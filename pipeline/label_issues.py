@@ -26,17 +26,23 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import DistillError
 from pipeline.shards import sample_key
 
 __all__ = [
     "DEFAULT_RANKING",
     "RANKINGS",
+    "RankingError",
     "image_table",
     "label_issue_order",
     "planted_scores",
     "available_rankings",
     "view_agreement",
 ]
+
+class RankingError(DistillError, ValueError):
+    """A ranking that is unknown, or whose package is not installed."""
+
 
 RANKINGS = ("p_label", "cleanlab")
 DEFAULT_RANKING = "p_label"
@@ -128,7 +134,8 @@ def _cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     try:
         from cleanlab.filter import find_label_issues
     except ImportError:
-        raise ValueError('audit ranking "cleanlab" needs the cleanlab package: pip install -e ".[cleanlab]"') from None
+        raise RankingError('audit --ranking cleanlab needs the cleanlab package: pip install -e ".[cleanlab]"') \
+            from None
     present = np.bincount(labels, minlength=probs.shape[1]) > 0
     if present.sum() < 2:  # confident learning needs two classes to contrast
         return np.zeros(len(labels), dtype=bool)
@@ -142,12 +149,12 @@ def label_issue_order(
     """Row positions of an :func:`image_table`, most suspect first under ``ranking`` (ties by position).
     ``probs`` gives the dense (N, C) probabilities (``store.split_probs``), read only for ``cleanlab``."""
     if ranking not in RANKINGS:
-        raise ValueError(f"audit ranking {ranking!r}: choose one of {', '.join(RANKINGS)}")
+        raise RankingError(f"audit ranking {ranking!r}: choose one of {', '.join(RANKINGS)}")
     pos, p_label = np.arange(len(images)), images["p_label"].to_numpy()
     if ranking == "p_label":
         return np.lexsort((pos, p_label))
     if probs is None:
-        raise ValueError("audit ranking 'cleanlab' needs the teacher's dense probabilities")
+        raise RankingError("audit ranking 'cleanlab' needs the teacher's dense probabilities")
     flags = _cleanlab_flags(images["label"].to_numpy(), probs())
     return np.lexsort((pos, p_label, ~flags))
 

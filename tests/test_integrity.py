@@ -170,6 +170,8 @@ def test_a_clean_pass_cut_short_resumes_to_the_same_store(damaged, reference, ca
     for s in (0, 2):
         store.delete_record(store.objects_at(path), "clean", 0, s)
     assert store.val_done_mask(store.open_store(path), "clean").tolist() == [False, True, False]
+    assert_clean_failure(run_cli("audit", "-c", write_yaml(cfg, path.parent / "cfg.yaml"), "--output",
+                                 str(path.parent / "audit")), "clean", "run `distill teacher`")
     teacher.run(cfg, progress=False, device="cpu")
     assert "wrote 2 unit(s)" in capsys.readouterr().out
     assert_same_store(reference, path)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import make_config, make_idx
 
+from pipeline.errors import DistillError
+from pipeline.label_issues import RankingError, label_issue_order
 from pipeline.shards import load_manifest, shard_samples
 from stages import audit, ingest, teacher, teacher_fit
 
@@ -87,3 +91,13 @@ def test_audit_finds_planted_flips_with_a_competent_teacher(tmp_path):
     assert h["images"] == 400 and h["planted"] == 20  # every ingested image, not only the 2 train shards
     assert h["planted_recall_at_2n"] >= RECALL_AT_2N, h
     assert (tmp_path / "audit" / "suspects.png").is_file() and (tmp_path / "audit" / "planted.csv").is_file()
+
+
+def test_cleanlab_ranking_without_the_package_is_refused_naming_the_package(monkeypatch):
+    """A RankingError is a DistillError: the CLI prints it as one line."""
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # as if cleanlab were not installed
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    images = pd.DataFrame({"label": [0, 1], "p_label": [0.1, 0.9], "planted": [False, False]})
+    with pytest.raises(RankingError, match=r'pip install -e "\.\[cleanlab\]"'):
+        label_issue_order(images, "cleanlab", lambda: np.eye(2))
+    assert issubclass(RankingError, DistillError)
