@@ -83,7 +83,8 @@ def build(tmp: Path, args: argparse.Namespace) -> Config:
 
 def train_rate(cfg: Config, out: Path, kind: str, mode: str) -> float:
     """Mean of the run's per-epoch training images/s (history.csv, evaluation excluded)."""
-    run_cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"distillation": kind, "output": out})})
+    student = cfg.student.model_copy(update={"distillation": kind, "output": str(out)})
+    run_cfg = cfg.model_copy(update={"student": student})
     with contextlib.redirect_stdout(io.StringIO()):
         student_stage.run(run_cfg, progress=False, device="cpu", teacher_mode=mode)
     with open(out / "history.csv", newline="") as f:

@@ -111,6 +111,8 @@ class Finisher:
         """The float views of a collated batch of replayed samples (``view`` uint8, with ``erase``,
         ``partner_view``, ``partner_erase``, ``kind``, ``lam`` and ``box``)."""
         device = torch.device(device)
+        if device.type == "cpu":
+            return self._on_cpu(batch)
         own = self.base(batch.view, batch.erase, device)
         kind = batch.kind.tolist()
         mixed = [i for i, k in enumerate(kind) if k != KIND_NONE]
@@ -121,6 +123,33 @@ class Finisher:
         for j, i in enumerate(mixed):
             own[i] = mix_views(own[i], partner[j], kind[i], float(lam[i]), box[i])
         return own
+
+    def _on_cpu(self, batch: Any) -> torch.Tensor:
+        """The same operations, one sample at a time in place, so that a view and its partner stay in the
+        cache (a whole 224 px batch of float32 does not: converting it batch by batch cost 3x as much)."""
+        out = torch.empty(batch.view.shape, dtype=torch.float32)
+        scratch = torch.empty(batch.view.shape[1:], dtype=torch.float32)
+        kinds, lams, boxes = batch.kind.tolist(), batch.lam.tolist(), batch.box.tolist()
+        for i, kind in enumerate(kinds):
+            view = self._base_into(out[i], batch.view[i], batch.erase[i])
+            if kind == KIND_MIXUP:
+                partner = self._base_into(scratch, batch.partner_view[i], batch.partner_erase[i])
+                view.mul_(lams[i]).add_(partner.mul_(1.0 - lams[i]))  # view * lam + partner * (1 - lam)
+            elif kind == KIND_CUTMIX:
+                y0, y1, x0, x1 = (int(v) for v in boxes[i])
+                partner = self._base_into(scratch, batch.partner_view[i], batch.partner_erase[i])
+                view[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]
+        return out
+
+    def _base_into(self, dst: torch.Tensor, u8: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
+        """One un-mixed view written into ``dst``: what :meth:`base` does to a batch."""
+        dst.copy_(u8).div_(255).sub_(self.mean).div_(self.std)
+        for top, left, h, w, seed in erase.tolist():
+            if h > 0:
+                dst[:, top : top + h, left : left + w] = (
+                    torch.zeros((dst.shape[0], 1, 1)) if seed < 0
+                    else erasing_noise(seed, (dst.shape[0], h, w) if self.per_pixel else (dst.shape[0], 1, 1)))
+        return dst
 
 
 def mix_views(
