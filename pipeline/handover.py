@@ -111,8 +111,10 @@ class Finisher:
         """The float views of a collated batch of replayed samples (``view`` uint8, with ``erase``,
         ``partner_view``, ``partner_erase``, ``kind``, ``lam`` and ``box``)."""
         device = torch.device(device)
-        if device.type == "cpu":
-            return self._on_cpu(batch)
+        return self._on_cpu(batch) if device.type == "cpu" else self.batched(batch, device)
+
+    def batched(self, batch: Any, device: torch.device) -> torch.Tensor:
+        """The device's way: whole-batch operations (the same per element as :meth:`_on_cpu`)."""
         own = self.base(batch.view, batch.erase, device)
         kind = batch.kind.tolist()
         mixed = [i for i, k in enumerate(kind) if k != KIND_NONE]

@@ -16,7 +16,7 @@ from pipeline.augment import train_transform
 from pipeline.config import Config
 from pipeline.handover import Finisher, mix_views
 from pipeline.loading import ReplayDataset, make_loader, train_stream
-from pipeline.plan import epoch_plan
+from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, epoch_plan
 from pipeline.replay import base_views
 from pipeline.shards import decode_sample, load_manifest, shard_samples
 from stages import ingest, verify
@@ -89,6 +89,17 @@ def test_finishing_a_batch_on_the_cpu_twice_gives_the_same_bits(tmp_path):
     assert raw.view.dtype == torch.uint8 and int((raw.erase[:, :, 2] > 0).sum()) > 0  # boxes were erased
     finish = Finisher(cfg.aug)
     assert torch.equal(finish(raw), finish(raw))
+
+
+def test_the_devices_batched_finishing_gives_the_cpus_per_sample_bits(tmp_path):
+    """A device finishes whole batches, the CPU one sample at a time in place: the same operations per element
+    (run here on the CPU, the only device a test has)."""
+    cfg = shards(tmp_path, 3)
+    m = load_manifest(cfg.data.shards)
+    raw = next(iter(torch.utils.data.DataLoader(ReplayDataset(m, cfg.aug, cfg.seed, [(0, 0)]), batch_size=12)))
+    assert {KIND_MIXUP, KIND_CUTMIX} <= set(raw.kind.tolist()) and int((raw.erase[:, :, 2] > 0).sum()) > 0
+    finish = Finisher(cfg.aug)
+    assert torch.equal(finish.batched(raw, torch.device("cpu")), finish(raw, "cpu"))
 
 
 def test_a_store_written_from_one_process_views_is_accepted_and_agrees_exactly(tmp_path):
