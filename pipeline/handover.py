@@ -97,15 +97,16 @@ class Finisher:
         """(B, C, H, W) float32 un-mixed views: ``to_tensor``'s division, ``Normalize``, the erased boxes."""
         x = u8.to(device, non_blocking=True).to(torch.float32).div(255)
         x.sub_(self.mean.to(device)).div_(self.std.to(device))
-        c = x.shape[1]
         for i, r in torch.nonzero(erase[:, :, 2] > 0).tolist():
             top, left, h, w, seed = erase[i, r].tolist()
-            if seed < 0:
-                noise = torch.zeros((c, 1, 1))
-            else:
-                noise = erasing_noise(seed, (c, h, w) if self.per_pixel else (c, 1, 1))
-            x[i, :, top : top + h, left : left + w] = noise.to(device)
+            x[i, :, top : top + h, left : left + w] = self._noise(seed, x.shape[1], h, w).to(device)
         return x
+
+    def _noise(self, seed: int, c: int, h: int, w: int) -> torch.Tensor:
+        """What an erased box holds: zeros (``remode: const``) or the normal noise of its recorded seed."""
+        if seed < 0:
+            return torch.zeros((c, 1, 1))
+        return erasing_noise(seed, (c, h, w) if self.per_pixel else (c, 1, 1))
 
     def __call__(self, batch: Any, device: torch.device | str = "cpu") -> torch.Tensor:
         """The float views of a collated batch of replayed samples (``view`` uint8, with ``erase``,
@@ -148,9 +149,7 @@ class Finisher:
         dst.copy_(u8).div_(255).sub_(self.mean).div_(self.std)
         for top, left, h, w, seed in erase.tolist():
             if h > 0:
-                dst[:, top : top + h, left : left + w] = (
-                    torch.zeros((dst.shape[0], 1, 1)) if seed < 0
-                    else erasing_noise(seed, (dst.shape[0], h, w) if self.per_pixel else (dst.shape[0], 1, 1)))
+                dst[:, top : top + h, left : left + w] = self._noise(seed, dst.shape[0], h, w)
         return dst
 
 
