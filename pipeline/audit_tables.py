@@ -12,6 +12,7 @@ views that are never mixed: the clean pass (every ingested training image's eval
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,11 +180,12 @@ def confused_pairs(conf: pd.DataFrame, names: Sequence[str], top: int) -> pd.Dat
 
 def rank_images(
     images: pd.DataFrame, *, ranking: str = DEFAULT_RANKING, threshold: float = 0.05,
-    probs: Callable[[], np.ndarray] | None = None,
+    probs: Callable[[], np.ndarray] | None = None, order: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The per-image table most suspect first under ``ranking``, with ``rank`` (1 = most suspect) and
-    ``suspect`` (the teacher gives the label less than ``threshold`` on the image's evaluation view)."""
-    order = label_issue_order(images, ranking, probs)
+    """The per-image table most suspect first under ``ranking`` (or in ``order``, when already computed), with
+    ``rank`` (1 = most suspect) and ``suspect`` (the teacher gives the label less than ``threshold`` on the
+    image's evaluation view)."""
+    order = label_issue_order(images, ranking, probs) if order is None else order
     out = images.iloc[order].reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1, dtype=np.int64))
     out["suspect"] = out["p_label"] < threshold
@@ -273,13 +275,12 @@ def audit_frames(
     ep = per_epoch(train)
     conf = confusion(images, names)
     conf_val = confusion(val, names) if val is not None else None
-    memo: dict[str, np.ndarray] = {}
-    dense = None if probs is None else (lambda: memo.setdefault("p", probs()))  # read once, if at all
-    ranked = rank_images(images, ranking=ranking, threshold=threshold, probs=dense)
+    dense = None if probs is None else functools.cache(probs)  # the clean pass read once, if at all
+    wanted = list(dict.fromkeys([ranking, *compare])) if images["planted"].any() else [ranking]
+    orders = {r: label_issue_order(images, r, dense) for r in wanted}  # each ranking computed once
+    ranked = rank_images(images, ranking=ranking, threshold=threshold, order=orders[ranking])
     ranked_val = (rank_images(val_images, threshold=threshold)
                   if val_images is not None and len(val_images) else None)
-    wanted = list(dict.fromkeys([ranking, *compare])) if images["planted"].any() else [ranking]
-    orders = {r: label_issue_order(images, r, dense) for r in wanted}
     scores = planted_scores(images, orders)
     headline = _headline(train, ep, images, val, names)
     headline.update(ranking=ranking, threshold=float(threshold), suspects=int(ranked["suspect"].sum()),

@@ -109,19 +109,10 @@ class ReplayDataset(IterableDataset):
                                      paths[shard])
 
     def __iter__(self) -> Iterator[Any]:
-        if self.shuffle <= 1:
-            yield from self._stream()
-            return
         info = get_worker_info()
         wid = info.id if info is not None else 0
         rng = np.random.default_rng(derive_seed(TAG_SHUFFLE, self.seed, self.order_epoch, self.rank, wid))
-        buf: list[ReplaySample] = []
-        for s in self._stream():
-            buf.append(s)
-            if len(buf) >= self.shuffle:
-                yield _pop_random(buf, rng)
-        while buf:
-            yield _pop_random(buf, rng)
+        yield from shuffled(self._stream(), self.shuffle, self.shuffle, rng)  # yields once the buffer is full
 
 
 def _pop_random(buf: list, rng: np.random.Generator):
@@ -164,7 +155,7 @@ class EpochDataset(IterableDataset):
 
     def _stream(self, train_epoch: int) -> Iterator[Any]:
         parts, ranges, c = TrainParts.of(self.aug), self.manifest.ranges("train"), self.manifest.num_classes
-        stored, units = self.view_epoch(train_epoch), {}
+        stored, units, paths = self.view_epoch(train_epoch), {}, self.manifest.shard_paths("train")
         for piece in self.pieces(train_epoch):
             w = piece.window
             if w.shard not in units:  # a unit's plan and targets, once per worker and epoch
@@ -176,7 +167,7 @@ class EpochDataset(IterableDataset):
             raw = shard_samples(self.manifest, "train", w.shard, w.first - start + int(needed[0]),
                                 int(needed[-1] - needed[0]) + 1)
             views = replay_piece(iter(raw), plan, w.first, piece.lo, piece.hi, parts=parts, aug=self.aug,
-                                 seed=self.seed, num_classes=c, source=self.manifest.shard_paths("train")[w.shard])
+                                 seed=self.seed, num_classes=c, source=paths[w.shard])
             yield from views if attach is None else map(attach, views)
 
     def __iter__(self) -> Iterator[Any]:

@@ -130,7 +130,13 @@ def read_samples(path: str, index: np.ndarray, first: int = 0, count: int | None
         while chunk_end < stop and index[chunk_end]["offset"] + index[chunk_end]["size"] - base <= CHUNK_BYTES:
             chunk_end += 1
         end = int(index[chunk_end - 1]["offset"] + index[chunk_end - 1]["size"])
-        data = read_range(path, base, end)
+        try:
+            data = read_range(path, base, end)
+        except FileNotFoundError:
+            raise ShardDamaged(f"{path}: the shard is missing") from None
+        except OSError as e:  # an object store's "range not satisfiable" for a shard cut short, or a failed read
+            raise ShardDamaged(f"{path}: cannot read bytes {base}..{end} of samples {first_index + pos:08d}.. "
+                               f"({e.strerror or e})") from None
         for j in range(pos, chunk_end):
             off, n, crc = int(index[j]["offset"]) - base, int(index[j]["size"]), int(index[j]["crc32c"])
             raw = data[off : off + n]

@@ -250,11 +250,11 @@ def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_ep
 
 @main.command()
 @config_options
-@click.option("--student", "students", multiple=True, type=click.Path(file_okay=False, path_type=Path),
-              help="A student output folder (repeatable; default: evaluate.students).")
+@click.option("--student", "students", multiple=True, type=click.Path(file_okay=False),
+              help="A student output folder or URL (repeatable; default: evaluate.students).")
 @_device_option
 @friendly
-def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
+def evaluate(cfg: Config, students: tuple[str, ...], device: str) -> None:
     """Accuracy (class/dist/fused heads), disagreement and throughput of the teacher and the students.
 
     Writes evaluate.output/{metrics.json, results.md, accuracy_vs_throughput.png} and prints the table.
@@ -280,13 +280,13 @@ def evaluate(cfg: Config, students: tuple[Path, ...], device: str) -> None:
                    "flags first (needs the cleanlab package). With planted flips both are scored.")
 @click.option("--sheet", type=click.IntRange(min=0), default=32, show_default=True,
               help="Suspects on the contact sheet suspects.png (0: none).")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (default: runs/audit beside evaluate.output).")
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Report folder or URL (default: runs/audit beside evaluate.output).")
 @click.option("--epoch", "epochs", type=click.IntRange(min=0), multiple=True,
               help="Audit only these stored epochs (repeatable; default all). The train frame holds one row "
                    "per stored view, so at ImageNet scale audit a few epochs.")
 @friendly
-def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, output: Path | None,
+def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, output: str | None,
           epochs: tuple[int, ...]) -> None:
     """Which training labels are probably wrong, and where the teacher disagrees with the labels.
 
@@ -314,21 +314,22 @@ def store_group() -> None:
 
 
 @store_group.command("describe")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path())
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A config whose student.epochs to check against the store (see --student-epochs).")
 @click.option("--student-epochs", type=click.IntRange(min=1), default=None,
               help="Also print the reuse factor a student run of this many epochs would have on this store "
                    "(each stored epoch replayed student-epochs / E times), and whether it is above the limit.")
 @friendly
-def store_describe(path: Path, config_path: Path | None, student_epochs: int | None) -> None:
-    """Print shape, K, E, completed epochs, bytes on disk and provenance of the store at PATH."""
+def store_describe(path: str, config_path: Path | None, student_epochs: int | None) -> None:
+    """Print shape, K, E, completed epochs, bytes on disk and provenance of the store at PATH (a folder or a
+    URL)."""
     import store
     from pipeline.reuse import REUSE_LIMIT, reuse_factor, reuse_warning
 
-    click.echo(store.describe(path))
     if student_epochs is None and config_path is not None:
         student_epochs = load_config(config_path).student.epochs
+    click.echo(store.describe(path))
     if student_epochs is not None:
         e = store.spec_of(store.open_store(path)).epochs
         note = reuse_warning(student_epochs, e) or f"within the limit of {REUSE_LIMIT:g}"

@@ -39,7 +39,7 @@ def _claim_wave(claims: store.Claims, objs: store.Objects, todo: list[Unit], siz
         unit = todo[(start + i) % len(todo)]
         if not claims.try_claim(*unit):
             continue
-        if store.read_record(objs, *unit) is not None:  # written meanwhile by the claim's last holder
+        if store.read_record(objs, *unit, fresh=True) is not None:  # written meanwhile by the claim's last holder
             claims.release(*unit)
             continue
         log_unit(claims.owner, unit, "claimed")
@@ -53,16 +53,18 @@ Costs = dict[str, list[float]]
 """split -> [images, seconds] this process spent on it (the clean pass's cost is reported on its own)."""
 
 
-def _compute(cfg: Config, model, device: torch.device, group, manifest: Manifest, wave: list[Unit],
-             claims: store.Claims, batch_size: int, workers: int, bar: tqdm, costs: Costs) -> None:
-    """Replay the wave's units, run the teacher on every view and write each unit as it completes."""
+def _compute(cfg: Config, model, device: torch.device, group, manifests: tuple[Manifest, Manifest],
+             wave: list[Unit], claims: store.Claims, batch_size: int, workers: int, bar: tqdm, costs: Costs) -> None:
+    """Replay the wave's units, run the teacher on every view and write each unit as it completes
+    (``manifests``: the run's, and the full one whose training images the clean pass covers)."""
+    manifest, full = manifests
     k = store.spec_of(group).k
     for split in ("train", "val", "clean"):
         units = [(e, s) for sp, e, s in wave if sp == split]
         if not units:
             continue
         t0, cost = time.perf_counter(), costs.setdefault(split, [0, 0.0])
-        source = manifest if split != "clean" else load_manifest(cfg.data.shards)  # every ingested train image
+        source = manifest if split != "clean" else full  # every ingested train image
         collector = Collector(group, source, split, k, claims, str(cfg.store.path))
         ds = ReplayDataset(source, cfg.aug, cfg.seed, units, split="train" if split == "clean" else split,
                            evaluation=split != "train")
@@ -80,22 +82,23 @@ def _fill(cfg: Config, model, env: distributed.DistEnv, group, manifest: Manifes
     """Claim, compute and write units until none is left without a record, packing every stored epoch as it
     completes; returns the units this process wrote. Units and epochs other processes hold are waited for:
     their claims either end in a record or expire."""
-    spec, objs = store.spec_of(group), store.objects_of(group)
+    spec, objs, full = store.spec_of(group), store.objects_of(group), load_manifest(cfg.data.shards)
     todo = pending(group, spec)
-    wave_size, written = 2 * max(workers, 1), 0
-    with progress_bar(_images(load_manifest(cfg.data.shards), todo), f"teacher {cfg.teacher.model}", "im",
-                      progress) as bar:
+    total, wave_size, written = _images(full, todo), 2 * max(workers, 1), 0
+    with progress_bar(total, f"teacher {cfg.teacher.model}", "im", progress) as bar:
         while True:
             packed = pack_ready(group, claims)
             if not todo and not store.unpacked_complete(group):
                 break
             wave = _claim_wave(claims, objs, todo, wave_size, env.rank * len(todo) // env.world) if todo else []
             if wave:
-                _compute(cfg, model, env.device, group, manifest, wave, claims, batch_size, workers, bar, costs)
+                _compute(cfg, model, env.device, group, (manifest, full), wave, claims, batch_size, workers, bar,
+                         costs)
                 written += len(wave)
             elif not packed:  # everything left is another process's, for now
                 time.sleep(min(2.0, claims.ttl / 4))
             todo = pending(group, spec)
+            bar.update(max(0, total - _images(full, todo) - bar.n))  # what every process has written
     return written
 
 

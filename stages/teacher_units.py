@@ -126,7 +126,12 @@ def check_done(group, spec: store.StoreSpec, rank: int, world: int, progress: bo
     units = [("train", int(e), int(s)) for e, s in np.argwhere(store.done_mask(group))]
     for split in ("val", "clean"):
         units += [(split, 0, int(s)) for s in np.flatnonzero(store.val_done_mask(group, split))]
-    mine, damaged = units[rank::world], []
+    # dealt by the unit's own place in the store, not by its place in this rank's listing: ranks list at
+    # different moments (a late one sees more units done), and every unit must be checked by exactly one
+    place = {"train": 0, "val": spec.epochs * spec.n_shards}
+    place["clean"] = place["val"] + len(spec.view_ranges("val"))
+    mine = [(sp, e, s) for sp, e, s in units if (place[sp] + e * spec.n_shards + s) % world == rank]
+    damaged = []
     with progress_bar(len(mine), "teacher: checking done units", "unit", progress and len(mine) > 0) as bar:
         for split, e, s in mine:
             try:

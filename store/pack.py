@@ -15,10 +15,10 @@ import zarr
 
 from store.layout import STAGE, TRAIN_TARGETS, spec_of
 from store.objects import objects_of
-from store.reader import _unit_arrays, _where, done_mask, packed_epochs
+from store.reader import MissingUnit, _unit_arrays, _where, done_mask, packed_epochs
 from store.records import (
+    DamagedUnit,
     delete_record,
-    epoch_record,
     forget_epoch,
     read_record,
     unit_body,
@@ -55,9 +55,9 @@ def pack_epoch(group: zarr.Group, epoch: int) -> None:
     spec, objs = spec_of(group), objects_of(group)
     records, columns = {}, {name: [] for name in TRAIN_TARGETS}
     for shard in range(spec.n_shards):
-        record = read_record(objs, "train", epoch, shard)
+        record = read_record(objs, "train", epoch, shard, fresh=shard == 0)  # not a copy cached before a repair
         if record is None:
-            raise ValueError(f"pack_epoch({epoch}): unit (epoch {epoch}, shard {shard}) is not done")
+            raise MissingUnit(f"{_where(group, 'train', epoch, shard)}: not done, so epoch {epoch} cannot be packed")
         if record.packed:
             return  # another writer packed it meanwhile
         arrays = _unit_arrays(group, epoch, shard, record, _where(group, "train", epoch, shard))
@@ -80,19 +80,27 @@ def tidy(group: zarr.Group) -> None:
 
 
 def unpack_epoch(group: zarr.Group, epoch: int, damaged: set[int]) -> None:
-    """Turn a packed epoch back into staged units, all but the ``damaged`` shards (they are computed again
-    and the epoch packed anew); each unit is checked as it is read."""
+    """Turn a packed epoch back into staged units, all but the damaged shards (those known, ``damaged``, and
+    any found on the way: they are computed again and the epoch packed anew). The epoch record is dropped
+    first, so a packer's tidying never takes the restaged units for leftovers; a crash on the way leaves the
+    shards not yet restaged to be computed again. A damaged epoch record drops the whole epoch."""
     spec, objs = spec_of(group), objects_of(group)
-    body = epoch_record(objs, epoch)
-    if body is None:
+    try:
+        records = {s: read_record(objs, "train", epoch, s, fresh=s == 0) for s in range(spec.n_shards)}
+    except DamagedUnit:
+        forget_epoch(objs, epoch)
         return
-    for shard in range(spec.n_shards):
-        if shard in damaged:
+    if not any(r is not None and r.packed for r in records.values()):
+        return  # unpacked by another process meanwhile
+    forget_epoch(objs, epoch)
+    for shard, record in records.items():
+        if shard in damaged or record is None:
             continue
-        record = read_record(objs, "train", epoch, shard)
-        arrays = _unit_arrays(group, epoch, shard, record, _where(group, "train", epoch, shard))
+        try:
+            arrays = _unit_arrays(group, epoch, shard, record, _where(group, "train", epoch, shard))
+        except DamagedUnit:
+            continue
         a, b = spec.train_ranges[shard]
         for name in TRAIN_TARGETS:
             group[f"{STAGE}/train/{name}"][epoch, a:b] = arrays[name]
         write_record(objs, "train", epoch, shard, unit_body((a, b), arrays, record.plan))
-    forget_epoch(objs, epoch)

@@ -20,7 +20,7 @@ from store.create import open_store
 from store.layout import STAGE, TRAIN_TARGETS, VAL_TARGETS, no_data, spec_of
 from store.objects import objects_of
 from store.provenance import ProvenanceMismatch, StoreError
-from store.records import Record, digest, done_units, mask, read_record
+from store.records import DamagedUnit, Record, digest, done_units, mask, read_record
 
 __all__ = [
     "DamagedUnit",
@@ -75,11 +75,6 @@ class ValUnit:
         return self.topk_classes[:, 0]
 
 
-class DamagedUnit(StoreError):
-    """A unit marked done whose arrays do not read back as written: a missing chunk, changed bytes, or a
-    chunk that belongs to another unit. The teacher stage rewrites it; nothing may train on it."""
-
-
 def _where(group: zarr.Group, split: str, epoch: int, shard: int) -> str:
     unit = f"epoch {epoch}, shard {shard}" if split == "train" else f"shard {shard}"
     return f"logit store {objects_of(group).root}: {split} unit ({unit})"
@@ -113,7 +108,12 @@ def _read(group: zarr.Group, reads: dict[str, tuple[str, Any]], where: str) -> d
 
     out = {}
     for (name, (path, _)), got in zip(reads.items(), sync(fetch()), strict=True):
-        if isinstance(got, Exception):  # zarr's CRC32C, the decompressor or the filesystem refusing a chunk
+        if isinstance(got, OSError) and not isinstance(got, FileNotFoundError):
+            # a timeout, throttling, an expired credential, a permission: the store may be fine, so this is no
+            # damage for the teacher to "repair" (it would drop good units), but an error naming the array
+            raise StoreError(f"{where}, array {path}: cannot be read now ({type(got).__name__}: {got}); the "
+                             "unit is not known to be damaged: retry when the storage answers") from got
+        if isinstance(got, Exception):  # zarr's CRC32C, the decompressor or a chunk gone from under its record
             first = str(got).strip().splitlines()[0] if str(got).strip() else ""
             raise DamagedUnit(f"{where}, array {path}: cannot be read ({type(got).__name__}: {first}); "
                               "re-run `distill teacher` to rewrite the unit") from got

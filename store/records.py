@@ -19,8 +19,15 @@ import google_crc32c
 import numpy as np
 
 from store.objects import Objects
+from store.provenance import StoreError
 
 DONE = "done"
+
+
+class DamagedUnit(StoreError):
+    """A unit marked done whose arrays (or record) do not read back as written: a missing chunk, changed bytes,
+    a chunk that belongs to another unit, or a record that does not parse. The teacher stage rewrites it;
+    nothing may train on it."""
 
 
 def digest(a: np.ndarray) -> str:
@@ -61,14 +68,20 @@ def write_epoch_record(objs: Objects, epoch: int, units: dict[int, dict]) -> Non
     objs.put(epoch_key(epoch), json.dumps(body, sort_keys=True).encode())
 
 
-def _load(data: bytes | None) -> dict | None:
+def _load(objs: Objects, key: str) -> dict | None:
+    """A record's body, None when there is none; a record that exists (it is listed, so the unit counts as
+    done) but does not parse is a DamagedUnit, which the teacher stage repairs, never "not done"."""
+    data = objs.get(key)
     if data is None:
         return None
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return None  # a damaged record: the unit is not done, and the teacher stage writes it again
-    return body if isinstance(body, dict) else None
+        body = None
+    if not isinstance(body, dict):
+        raise DamagedUnit(f"logit store {objs.root}: record {key} is damaged (not a JSON object); re-run "
+                          "`distill teacher` to rewrite its unit")
+    return body
 
 
 @dataclass(frozen=True)
@@ -85,11 +98,14 @@ _EPOCHS: dict[tuple[str, int], dict] = {}
 """Epoch records read by this process (a packed epoch's record only changes when a repair unpacks it)."""
 
 
-def epoch_record(objs: Objects, epoch: int) -> dict | None:
-    """A packed epoch's record (cached once read), or None."""
+def epoch_record(objs: Objects, epoch: int, fresh: bool = False) -> dict | None:
+    """A packed epoch's record, or None. Readers use the copy cached once read; whoever coordinates writers
+    (claims, packing, repair) asks for a ``fresh`` one, as another process may have unpacked the epoch."""
     key = (objs.root, epoch)
+    if fresh:
+        _EPOCHS.pop(key, None)
     if key not in _EPOCHS:
-        body = _load(objs.get(epoch_key(epoch)))
+        body = _load(objs, epoch_key(epoch))
         if body is None:
             return None
         _EPOCHS[key] = body
@@ -102,21 +118,28 @@ def forget_epoch(objs: Objects, epoch: int) -> None:
     _EPOCHS.pop((objs.root, epoch), None)
 
 
-def read_record(objs: Objects, split: str, epoch: int, shard: int) -> Record | None:
-    """The unit's record (from its epoch's record when packed), or None when the unit is not done."""
+def read_record(objs: Objects, split: str, epoch: int, shard: int, fresh: bool = False) -> Record | None:
+    """The unit's record (from its epoch's record when packed), None when the unit is not done; DamagedUnit
+    when its record exists but does not parse."""
     if split == "train":
-        packed = epoch_record(objs, epoch)
-        if packed is not None and isinstance(packed.get("units"), dict) and str(shard) in packed["units"]:
-            return _record(packed["units"][str(shard)], True)
-    body = _load(objs.get(unit_key(split, epoch, shard)))
-    return _record(body, False) if body is not None else None
+        packed = epoch_record(objs, epoch, fresh)
+        if packed is not None:
+            units = packed.get("units")
+            if not isinstance(units, dict) or str(shard) not in units:
+                raise DamagedUnit(f"logit store {objs.root}: record {epoch_key(epoch)} lacks shard {shard}; re-run "
+                                  "`distill teacher` to rewrite the epoch")
+            return _record(units[str(shard)], True, objs, epoch_key(epoch))
+    key = unit_key(split, epoch, shard)
+    body = _load(objs, key)
+    return _record(body, False, objs, key) if body is not None else None
 
 
-def _record(body: dict, packed: bool) -> Record | None:
+def _record(body: dict, packed: bool, objs: Objects, key: str) -> Record:
     try:
         return Record(tuple(int(r) for r in body["rows"]), dict(body["digests"]), body.get("plan"), packed)
-    except (KeyError, TypeError, ValueError):
-        return None
+    except (KeyError, TypeError, ValueError) as e:
+        raise DamagedUnit(f"logit store {objs.root}: record {key} is damaged ({type(e).__name__}: {e}); re-run "
+                          "`distill teacher` to rewrite its unit") from e
 
 
 def delete_record(objs: Objects, split: str, epoch: int, shard: int) -> None:
@@ -131,11 +154,11 @@ def done_units(objs: Objects, split: str, shards: int) -> tuple[set[tuple[int, i
         if not (name.startswith("e") and name.endswith(".json")):
             continue
         stem = name[1:-5]
-        if "-s" in stem:
-            e, s = stem.split("-s")
+        e, _, s = stem.partition("-s")
+        if s and e.isdigit() and s.isdigit():
             units.add((int(e), int(s)))
-        elif stem.isdigit():
-            packed.add(int(stem))
+        elif not s and stem.isdigit():
+            packed.add(int(stem))  # anything else in done/ is no record of this store's: not counted
     return units | {(e, s) for e in packed for s in range(shards)}, packed
 
 

@@ -202,7 +202,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(mixed, tmp_path, before
 
 
 def test_rescale_lr_keeps_the_batch_per_rank_and_scales_the_lr(mixed, tmp_path):
-    cfg = derive(mixed, student={"epochs": 2, "output": str(tmp_path / "out"), "distillation": "none",
+    cfg = derive(mixed, student={"epochs": 3, "output": str(tmp_path / "out"), "distillation": "none",
                                  "elastic": "rescale_lr", "warmup_epochs": 0})
     student.run(cfg, progress=False, device="cpu", until_epoch=1)
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
@@ -211,6 +211,12 @@ def test_rescale_lr_keeps_the_batch_per_rank_and_scales_the_lr(mixed, tmp_path):
     student.run(cfg, progress=False, device="cpu")
     done = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert done["batch_size"] == 4 and done["global_batch"] == 4  # per rank kept; lr follows 4 / 512
+    lr = {}
+    for glob in (4, 8):  # uninterrupted runs at the global batch now and at the checkpoint's
+        out = tmp_path / f"plain{glob}"
+        student.run(derive(cfg, student={"batch_size": glob, "output": str(out)}), progress=False, device="cpu")
+        lr[glob] = torch.load(out / "checkpoint.pt", weights_only=True)["history"][1]["lr"]  # epoch 2 (of 3)
+    assert done["history"][1]["lr"] == pytest.approx(lr[4]) and lr[4] != pytest.approx(lr[8])
 
 
 def test_an_indivisible_global_batch_is_refused_with_a_way_out(mixed):

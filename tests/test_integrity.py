@@ -152,6 +152,48 @@ def test_teacher_recomputes_exactly_the_damaged_units(damaged, reference, capsys
     assert_same_store(reference, path)  # the rest was kept (unpacked, and packed again), not computed
 
 
+def test_a_damaged_epoch_record_is_refused_and_the_teacher_recomputes_its_epoch(damaged, reference, capsys):
+    """A record that is listed (so its units count as done) but does not parse is damage, never "not done"."""
+    cfg, path = damaged
+    record = path / "done" / "train" / "e000000.json"
+    record.write_bytes(record.read_bytes()[:-9])
+    with pytest.raises(store.DamagedUnit, match="e000000.json is damaged"):
+        store.read_train_unit(store.open_store(path), 0, 1)
+    teacher.run(cfg, progress=False, device="cpu")
+    assert "wrote 3 unit(s)" in capsys.readouterr().out  # the epoch's three shards, nothing else
+    assert_same_store(reference, path)
+
+
+def test_a_damaged_unit_record_is_refused_and_its_unit_recomputed(damaged, reference, capsys):
+    cfg, path = damaged
+    store.unpack_epoch(zarr.open_group(str(path), mode="r+"), 1, set())  # epoch 1 as staged units again
+    (path / "done" / "train" / "e000001-s000002.json").write_text('{"rows": [')
+    with pytest.raises(store.DamagedUnit, match="e000001-s000002.json is damaged"):
+        store.read_train_unit(store.open_store(path), 1, 2)
+    teacher.run(cfg, progress=False, device="cpu")
+    assert "wrote 1 unit(s)" in capsys.readouterr().out
+    assert_same_store(reference, path)
+
+
+def test_a_storage_error_while_reading_is_no_damage_and_the_teacher_keeps_the_unit(damaged, reference, monkeypatch):
+    """A timeout or a throttled read says nothing about the unit: the teacher must not drop it as damaged."""
+    cfg, path = damaged
+    real = store.reader.sync
+
+    def flaky(coro):
+        got = real(coro)
+        return [TimeoutError(errno.ETIMEDOUT, "read timed out"), *got[1:]]
+
+    monkeypatch.setattr(store.reader, "sync", flaky)
+    with pytest.raises(store.StoreError, match="cannot be read now") as err:
+        store.read_train_unit(store.open_store(path), 0, 0)
+    assert not isinstance(err.value, store.DamagedUnit)
+    with pytest.raises(store.StoreError, match="cannot be read now"):
+        teacher.run(cfg, progress=False, device="cpu")
+    monkeypatch.undo()
+    assert_same_store(reference, path)  # nothing was unpacked, deleted or computed again
+
+
 def test_a_damaged_clean_pass_unit_is_refused_by_the_audit_and_recomputed_by_the_teacher(damaged, reference, capsys):
     cfg, path = damaged
     flip(path / "clean" / "topk_logits" / "c" / "1" / "0", 20, 16)
