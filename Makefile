@@ -26,7 +26,7 @@ fashion-mnist: $(STAMP)
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
 	else \
-	  $(PY) -m pipeline.fetch_data $(FMNIST); \
+	  $(PY) -m pipeline.data.fetch $(FMNIST); \
 	fi
 
 demo: $(STAMP) fashion-mnist
@@ -43,9 +43,10 @@ audit-noisy: $(STAMP) fashion-mnist
 	distill audit -c configs/demo-noisy.yaml --output runs/noisy/audit
 	@cat runs/noisy/audit/planted.csv
 
+# Two pytest-xdist workers, each test file whole on one (its module fixtures are built once), slowest listed.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(PY) -m bench

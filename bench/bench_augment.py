@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 from bench.common import at_least
-from pipeline.augment import train_transform
-from pipeline.config import AugConfig
-from pipeline.replay import base_views
+from pipeline.core.config import AugConfig
+from pipeline.views.augment import train_transform
+from pipeline.views.replay import base_views
 
 RECIPES = {
     "demo-28px": AugConfig(

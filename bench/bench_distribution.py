@@ -1,6 +1,6 @@
 """Distribution: samples dropped per epoch and their spread over ranks, ImageNet layout, 1 to 64 ranks.
 
-Computed from the code the student uses (``pipeline.sampling``): ImageNet-1k as ``configs/imagenet.yaml``
+Computed from the code the student uses (``pipeline.views.sampling``): ImageNet-1k as ``configs/imagenet.yaml``
 ingests it (1,281,167 images in 257 shards of 5,000, the last 1,167; mixing windows of 512), 10
 DataLoader workers per rank, batch 128 per rank. For each world size: the share of an epoch's samples
 not trained, against one global batch (world x 128), and the spread of samples over ranks and of
@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader
 
 from bench.common import add_machine_args, set_threads
 from bench.data import ingest_with_random_teacher, source_root
-from pipeline.config import Config, load_config
-from pipeline.handover import ViewLoader
-from pipeline.loading import train_stream
-from pipeline.plan import stored_epoch
-from pipeline.sampling import steps_per_epoch, worker_pieces, worker_span
-from pipeline.shards import load_manifest
+from pipeline.core.config import Config, load_config
+from pipeline.data.shards import load_manifest
+from pipeline.views.handover import ViewLoader
+from pipeline.views.loading import train_stream
+from pipeline.views.plan import stored_epoch
+from pipeline.views.sampling import steps_per_epoch, worker_pieces, worker_span
 
 SHARDS, SHARD_SIZE, LAST = 257, 5000, 1167
 WINDOW, WORKERS, BATCH = 512, 10, 128

@@ -46,13 +46,13 @@ from torch.utils.data import DataLoader, Dataset
 
 import store
 from bench.common import at_least, load_average
-from pipeline.config import Config, load_config
-from pipeline.loading import train_stream
-from pipeline.plan import epoch_plan
-from pipeline.run_store import store_provenance, store_spec
-from pipeline.shards import IMAGE_FIELDS, decode_sample, load_manifest, shard_samples
+from pipeline.core.config import Config, load_config
+from pipeline.data.shards import IMAGE_FIELDS, decode_sample, load_manifest, shard_samples
+from pipeline.train.run_store import store_provenance, store_spec
+from pipeline.views.join import StoreJoin
+from pipeline.views.loading import train_stream
+from pipeline.views.plan import epoch_plan
 from stages import ingest
-from stages.student_data import StoreJoin
 
 TARGET = 0.97
 CLASSES = 8

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bench.common import at_least
 from bench.data import source_root
-from pipeline.config import Config
-from pipeline.shards import load_manifest
+from pipeline.core.config import Config
+from pipeline.data.shards import load_manifest
 from stages import ingest
 
 

@@ -34,14 +34,14 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-import pipeline.shards as shards_module
+import pipeline.data.shards as shards_module
 import store
 from bench.common import add_machine_args, at_least, load_average, set_threads
 from bench.data import ingest_with_random_teacher, source_root
-from pipeline.config import Config, load_config
-from pipeline.loading import ReplayDataset, make_loader
-from pipeline.shard_index import read_samples
-from pipeline.shards import load_manifest
+from pipeline.core.config import Config, load_config
+from pipeline.data.shard_index import read_samples
+from pipeline.data.shards import load_manifest
+from pipeline.views.loading import UnitDataset, make_loader
 from stages import student, teacher
 
 READER_TARGET, SHARD_TARGET = 0.95, 0.98
@@ -196,9 +196,9 @@ def student_rate(cfg: Config, on: bool) -> float:
 
 def stream_rate(cfg: Config, on: bool) -> float:
     m = load_manifest(cfg.data.shards)
-    ds = ReplayDataset(m, cfg.aug, cfg.seed, [(0, s) for s in range(len(m.shards("train")))])
+    ds = UnitDataset(m, cfg.aug, cfg.seed, [(0, s) for s in range(len(m.shards("train")))], batch_size=128)
     with shard_check(on):
-        return rate(lambda: sum(len(b.view) for b in make_loader(ds, 128, 0)))
+        return rate(lambda: sum(len(b.view) for b in make_loader(ds, 0)))
 
 
 def shard_bench(tmp: Path, args: argparse.Namespace) -> None:
@@ -222,7 +222,7 @@ def shard_bench(tmp: Path, args: argparse.Namespace) -> None:
 def tolerance_bench(tmp: Path, args: argparse.Namespace) -> None:
     import torch
 
-    from pipeline.models import load_teacher
+    from pipeline.train.models import load_teacher
 
     cfg = load_config(None)
     fitted = Path(cfg.teacher.fit.output)
@@ -233,7 +233,7 @@ def tolerance_bench(tmp: Path, args: argparse.Namespace) -> None:
         cfg = demo_config(tmp / "tol", args)
         m, what = load_manifest(cfg.data.shards), "a random teacher (run `make demo` first for the fitted one)"
     model, _ = load_teacher(cfg.teacher, num_classes=m.num_classes, in_chans=cfg.aug.channels)
-    x = next(iter(make_loader(ReplayDataset(m, cfg.aug, cfg.seed, [(0, 0)]), 512, 0))).view
+    x = next(iter(make_loader(UnitDataset(m, cfg.aug, cfg.seed, [(0, 0)], batch_size=512), 0))).view
     with torch.no_grad():
         f32 = model(x).float()
         low = {}

@@ -42,14 +42,14 @@ import torch
 
 from bench.common import add_machine_args, load_average, set_threads
 from bench.data import ingest_with_random_teacher, source_root
-from pipeline.config import Config, load_config
-from pipeline.loading import train_stream
-from pipeline.losses import teacher_targets_from_store
-from pipeline.plan import stored_epoch
-from pipeline.shards import load_manifest
+from pipeline.core.config import Config, load_config
+from pipeline.data.shards import load_manifest
+from pipeline.train.losses import teacher_targets_from_store
+from pipeline.views.join import StoreJoin
+from pipeline.views.loading import train_stream
+from pipeline.views.plan import stored_epoch
 from stages import student as student_stage
 from stages import teacher
-from stages.student_data import StoreJoin
 
 TARGET = 0.97
 MODES = (("none", "none", "offline"), ("offline", "hard", "offline"), ("online", "hard", "online"))
@@ -104,7 +104,8 @@ def loader_us_per_image(cfg: Config, offline: bool) -> float:
     n, t0 = 0, time.perf_counter()
     for b in loader:
         if offline:
-            teacher_targets_from_store(b.t_logits, b.t_classes, b.t_lse, b.t_hard, m.num_classes, sc.tau, False)
+            s = b.stored
+            teacher_targets_from_store(s.logits, s.classes, s.logsumexp, s.hard, m.num_classes, sc.tau, False)
         n += len(b.view)
     return (time.perf_counter() - t0) / n * 1e6
 

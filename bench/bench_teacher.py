@@ -5,7 +5,7 @@ images), a randomly initialised teacher saved as a checkpoint (throughput does n
 weights) and the demo augmentation recipe, then measures on the very same replayed units, in
 alternating order within each round:
 
-  replay        iterate the DataLoader over ReplayDataset only (augmentation, mixing); views kept in memory
+  replay        iterate the DataLoader over the teacher's datasets only (augmentation, mixing); views kept in memory
   bare          teacher_forward over those in-memory batches only (pure inference)
   loader+fwd    the stage's loop without the store: DataLoader -> teacher_forward, logits dropped
   store only    the stage's collector (top-k + Zarr writes) fed with the cached logits
@@ -35,11 +35,11 @@ import torch
 import store
 from bench.common import add_machine_args, at_least, load_average, set_threads
 from bench.data import ingest_with_random_teacher, source_root
-from pipeline.config import Config, load_config
-from pipeline.loading import ReplayDataset, make_loader, val_dataset
-from pipeline.models import load_teacher
-from pipeline.run_store import store_spec
-from pipeline.shards import load_manifest
+from pipeline.core.config import Config, load_config
+from pipeline.data.shards import load_manifest
+from pipeline.train.models import load_teacher
+from pipeline.train.run_store import store_spec
+from pipeline.views.loading import EvalDataset, UnitDataset, make_loader, val_dataset
 from stages import teacher
 from stages.teacher_units import Collector
 
@@ -66,14 +66,15 @@ def build(tmp: Path, args: argparse.Namespace) -> Config:
     return cfg
 
 
-def datasets(cfg: Config) -> list[tuple[str, ReplayDataset]]:
+def datasets(cfg: Config) -> list[tuple[str, UnitDataset | EvalDataset]]:
     """The stage's work on a fresh store: every (epoch, shard) train unit, then every val shard."""
     m = load_manifest(cfg.data.shards)
     n_tr = len(m.ranges("train"))
     train = [(e, s) for e in range(cfg.teacher.epochs) for s in range(n_tr)]
+    bs = cfg.teacher.batch_size
     return [
-        ("train", ReplayDataset(m, cfg.aug, cfg.seed, train, split="train")),
-        ("val", val_dataset(m, cfg.aug, cfg.seed)),
+        ("train", UnitDataset(m, cfg.aug, cfg.seed, train, batch_size=bs)),
+        ("val", val_dataset(m, cfg.aug, bs)),
     ]
 
 
@@ -94,7 +95,7 @@ class Bench:
         t0 = time.perf_counter()
         cache = []
         for split, ds in datasets(self.cfg):
-            cache.append((split, list(make_loader(ds, self.bs, workers))))
+            cache.append((split, list(make_loader(ds, workers))))
         dt = time.perf_counter() - t0
         self.cache = cache
         assert sum(len(b.index) for _, bs in cache for b in bs) == self.n
@@ -113,7 +114,7 @@ class Bench:
         t0 = time.perf_counter()
         n = 0
         for _, ds in datasets(self.cfg):
-            for b in make_loader(ds, self.bs, workers):
+            for b in make_loader(ds, workers):
                 teacher.teacher_forward(self.model, b.view, self.device)
                 n += len(b.index)
         dt = time.perf_counter() - t0

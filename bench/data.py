@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Config
-from pipeline.models import create_teacher, save_teacher_checkpoint
-from pipeline.shards import Manifest, load_manifest
+from pipeline.core.config import Config
+from pipeline.data.shards import Manifest, load_manifest
+from pipeline.train.models import create_teacher, save_teacher_checkpoint
 from stages import ingest
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -30,14 +30,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.checkpoint import load_student
-from pipeline.config import Config, load_config, overridden
-from pipeline.evaluation import collect_logits
-from pipeline.files import location
-from pipeline.loading import make_loader, val_dataset
-from pipeline.models import load_teacher, resolve_teacher
-from pipeline.report import markdown_table
-from pipeline.shards import open_shards
+from pipeline.core.config import Config, load_config, overridden
+from pipeline.core.files import location
+from pipeline.core.report import markdown_table
+from pipeline.data.shards import open_shards
+from pipeline.train.checkpoint import load_student
+from pipeline.train.evaluation import collect_logits
+from pipeline.train.models import load_teacher, resolve_teacher
+from pipeline.views.loading import make_loader, val_dataset
 from stages import evaluate, ingest, student, teacher, teacher_fit
 
 E_POINTS = (1, 2, 5, 10, 25)
@@ -46,7 +46,7 @@ E_POINTS = (1, 2, 5, 10, 25)
 def val_distill_loss(cfg: Config, folder: Path) -> float:
     """Cross-entropy of the student's dist head against the teacher's top-1 on the val images."""
     manifest = open_shards(cfg)
-    loader = make_loader(val_dataset(manifest, cfg.aug, cfg.seed), cfg.evaluate.batch_size, 0)
+    loader = make_loader(val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size), 0)
     dev = torch.device("cpu")
     t, _ = load_teacher(resolve_teacher(cfg).teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     s, _ = load_student(folder, dev, num_classes=manifest.num_classes, img_size=cfg.aug.img_size,

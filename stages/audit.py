@@ -5,7 +5,7 @@ training image's evaluation view (the store's clean pass) ranks the images whose
 wrong (``suspects.csv``, and a contact sheet of the first ones, ``suspects.png``); the stored
 augmented views and val give the disagreement per epoch, per class and as confusion tables. When
 the manifest records planted flips (``data.label_noise``) the report scores each ranking on them.
-The frames are :mod:`pipeline.audit_inputs`', the tables :mod:`pipeline.audit_tables`' (the notebook
+The frames are :mod:`pipeline.audit.frames`', the tables :mod:`pipeline.audit.tables`' (the notebook
 uses both); rendering is :mod:`stages.audit_report`'s.
 """
 
@@ -18,12 +18,12 @@ from typing import Any
 import pandas as pd
 
 import store
-from pipeline.audit_inputs import AuditInputs, load_audit
-from pipeline.audit_tables import audit_frames
-from pipeline.config import Config
-from pipeline.files import location, use_storage_options
-from pipeline.label_issues import DEFAULT_RANKING, available_rankings
-from pipeline.shards import load_images
+from pipeline.audit.frames import AuditInputs, load_audit
+from pipeline.audit.rankings import DEFAULT_RANKING, available_rankings
+from pipeline.audit.tables import audit_frames
+from pipeline.core.config import Config
+from pipeline.core.files import location, use_storage_options
+from pipeline.data.shards import load_images
 from stages.audit_report import write_report
 
 SHEET = 32

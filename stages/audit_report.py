@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.audit_tables import AuditTables
-from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location
-from pipeline.report import MISSING, markdown_table
+from pipeline.audit.tables import AuditTables
+from pipeline.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location
+from pipeline.core.report import MISSING, markdown_table
 
 CSV_FILES = ("per_class.csv", "per_epoch.csv", "confusion.csv", "confused_pairs.csv", "images.csv.gz",
              "suspects.csv")

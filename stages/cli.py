@@ -15,11 +15,11 @@ from typing import Any
 
 import click
 
-from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, load_config
-from pipeline.errors import DistillError
+from pipeline.core.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from pipeline.core.errors import DistillError
 
-MAX_LOGIT_DIFF = 0.5
-"""verify's default tolerance on |stored - recomputed| logits (measured: see the README's verify section)."""
+MIN_AGREEMENT, MAX_LOGIT_DIFF = 0.99, 0.5
+"""verify's defaults (stages.verify's, repeated here so --help does not import the stage; a test checks both)."""
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -175,7 +175,7 @@ def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: boo
               help="Random (epoch, index) pairs to re-run the teacher on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the pairs.")
 @click.option(
-    "--min-agreement", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
+    "--min-agreement", type=click.FloatRange(0.0, 1.0), default=MIN_AGREEMENT, show_default=True,
     help="Exit non-zero when hard-label agreement is below this fraction (bf16 on CUDA may flip near-ties).",
 )
 @click.option(
@@ -195,28 +195,9 @@ def verify(cfg: Config, samples: int, seed: int, min_agreement: float, max_logit
     """
     from stages import verify as stage
 
-    report = stage.run(cfg, samples=samples, seed=seed, device=device, progress=not quiet)
-    click.echo(
-        f"verify: {report.units} unit(s) read back, {len(report.damaged)} damaged, {report.nan} with NaN; "
-        f"{report.agree}/{report.checked} hard labels agree ({report.agreement:.2%}), "
-        f"max |delta logit| {report.max_abs_logit_diff:.4g}; "
-        + ("views finished on the CPU only (no device to compare)" if report.device_view_diff is None else
-           "CPU- and device-finished views identical: stored targets hold on either"
-           if report.device_view_diff == 0 else
-           f"CPU- and device-finished views differ by up to {report.device_view_diff:.3g}: targets stored from "
-           "one device type are approximate on the other")
-    )
-    problems = [*report.damaged]
-    if report.nan:
-        problems.append(f"{report.nan} unit(s) hold NaN targets")
-    if report.checked and report.agreement < min_agreement:
-        problems.append(f"hard-label agreement {report.agreement:.2%} is below --min-agreement {min_agreement:.2%}: "
-                        "the store does not match what the teacher computes on the replayed views")
-    if report.max_abs_logit_diff > max_logit_diff:
-        problems.append(f"max |delta logit| {report.max_abs_logit_diff:.4g} is above --max-logit-diff "
-                        f"{max_logit_diff:g}: the stored logits are not this teacher's on these views")
-    if problems:
-        raise click.ClickException("\n".join(problems))
+    report = stage.run(cfg, samples=samples, seed=seed, device=device, progress=not quiet,
+                       min_agreement=min_agreement, max_logit_diff=max_logit_diff)
+    click.echo(report.summary())
 
 
 @main.command()
@@ -263,7 +244,7 @@ def evaluate(cfg: Config, students: tuple[str, ...], device: str) -> None:
 
     chosen = stage.student_names(students) if students else None
     stage.run(cfg, students=chosen, device=device)
-    from pipeline.files import location
+    from pipeline.core.files import location
 
     click.echo((location(cfg.evaluate.output) / "results.md").read_text())
 
@@ -325,7 +306,7 @@ def store_describe(path: str, config_path: Path | None, student_epochs: int | No
     """Print shape, K, E, completed epochs, bytes on disk and provenance of the store at PATH (a folder or a
     URL)."""
     import store
-    from pipeline.reuse import REUSE_LIMIT, reuse_factor, reuse_warning
+    from pipeline.train.reuse import REUSE_LIMIT, reuse_factor, reuse_warning
 
     if student_epochs is None and config_path is not None:
         student_epochs = load_config(config_path).student.epochs

@@ -19,16 +19,16 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.checkpoint import load_student
-from pipeline.config import Config
-from pipeline.distributed import resolve_device
-from pipeline.evaluation import collect_logits, head_accuracies, throughput, topk_accuracy
-from pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location, use_storage_options
-from pipeline.loading import make_loader, val_dataset
-from pipeline.models import load_teacher, resolve_teacher
-from pipeline.report import markdown_table
-from pipeline.shards import open_shards
-from stages.common import StageError
+from pipeline.core.config import Config
+from pipeline.core.errors import DistillError
+from pipeline.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location, use_storage_options
+from pipeline.core.report import markdown_table
+from pipeline.data.shards import open_shards
+from pipeline.train.checkpoint import load_student
+from pipeline.train.distributed import resolve_device
+from pipeline.train.evaluation import collect_logits, head_accuracies, throughput, topk_accuracy
+from pipeline.train.models import load_teacher, resolve_teacher
+from pipeline.views.loading import make_loader, val_dataset
 
 RESERVED_NAMES = ("teacher", "ground truth")
 
@@ -40,7 +40,7 @@ def student_names(folders: Sequence[Path]) -> dict[str, Path]:
         name = location(folder).name.removeprefix("student-")
         if name in RESERVED_NAMES or name in named:
             taken = "reserved" if name in RESERVED_NAMES else f"also the name of {named[name]}"
-            raise StageError(f"student folder {folder}: its name {name!r} is {taken}; rename the folder")
+            raise DistillError(f"student folder {folder}: its name {name!r} is {taken}; rename the folder")
         named[name] = folder
     return named
 
@@ -94,7 +94,7 @@ def _teacher_row(cfg: Config, val: Any, example: torch.Tensor, dev: torch.device
     """(the teacher's report row, its val logits and labels)."""
     teacher, _ = load_teacher(resolve_teacher(cfg).teacher, num_classes=num_classes, in_chans=cfg.aug.channels)
     teacher.to(dev)
-    out = collect_logits(teacher, make_loader(val, cfg.evaluate.batch_size, 0), dev)
+    out = collect_logits(teacher, make_loader(val, 0), dev)
     row = {
         "model": cfg.teacher.model,
         "top1": topk_accuracy(out["logits"], out["label"], 1),
@@ -109,12 +109,12 @@ def _student_row(cfg: Config, folder: Path, val: Any, example: torch.Tensor, dev
     """(a student's report row, its val top-1 predictions)."""
     model, info = load_student(folder, dev, num_classes=num_classes, img_size=cfg.aug.img_size,
                                in_chans=cfg.aug.channels)
-    out = collect_logits(model, make_loader(val, cfg.evaluate.batch_size, 0), dev, heads=True)
+    out = collect_logits(model, make_loader(val, 0), dev, heads=True)
     acc = head_accuracies(out)
     # A student trained without distillation never trains its distillation head: report its class head.
     head = "cls" if info["distillation"] == "none" or info["token"] == "class" else "fused"
     if not torch.equal(out["label"], label):
-        raise StageError("val order differs between teacher and student passes")
+        raise DistillError("val order differs between teacher and student passes")
     row = {**info, "head": head, "top1": acc[f"{head}_top1"], "top5": acc[f"{head}_top5"], **acc,
            "throughput_im_per_s": throughput(model, example, dev, cfg.evaluate.throughput_seconds)}
     return row, out[head].argmax(1)
@@ -126,8 +126,8 @@ def run(cfg: Config, *, students: dict[str, Path] | None = None, device: str = "
     dev = resolve_device(device)
     students = students if students is not None else student_names(cfg.evaluate.students)
     manifest = open_shards(cfg)
-    val = val_dataset(manifest, cfg.aug, cfg.seed)
-    example = next(iter(make_loader(val, cfg.evaluate.batch_size, 0))).view
+    val = val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size)
+    example = next(iter(make_loader(val, 0))).view
     c = manifest.num_classes
 
     teacher_row, t_out = _teacher_row(cfg, val, example, dev, c)

@@ -1,5 +1,5 @@
 """Ingest: turn the configured images into WebDataset shards and a manifest (the format lives in
-pipeline/shards.py).
+pipeline/data/shards.py).
 
 Each split's samples are shuffled once with the config seed (its own stream per split), cut to
 data.train_limit / data.val_limit, and given dense indices 0..N-1 in shard order. Everything is
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipeline.config import Config, canonical_hash
-from pipeline.files import is_url, location, sha256_file, use_storage_options
-from pipeline.progress import progress_bar
-from pipeline.shard_index import build_index, index_name, write_index
-from pipeline.shards import (
+from pipeline.core.config import Config, canonical_hash
+from pipeline.core.files import is_url, location, sha256_file, use_storage_options
+from pipeline.core.progress import progress_bar
+from pipeline.data.shard_index import build_index, index_name, write_index
+from pipeline.data.shards import (
     MANIFEST_NAME,
     SPLITS,
     Manifest,
@@ -39,7 +39,7 @@ from pipeline.shards import (
     verify_shards,
     write_manifest,
 )
-from pipeline.sources import CorruptImage, IngestError, Record, Source, read_source
+from pipeline.data.sources import CorruptImage, IngestError, Record, Source, read_source
 from store.claims import pid_alive
 
 __all__ = ["IngestError", "run", "shuffle_records", "input_key"]
@@ -108,19 +108,22 @@ def plant_label_noise(records: list[Record], fraction: float, seed: int, num_cla
 
 def _write_split(tmp: Path, split: str, records: list[Record], shard_size: int, allow_corrupt: bool,
                  progress: bool, flips: dict[int, int] | None = None) -> dict[str, Any]:
+    """A split's samples into shards of ``shard_size`` (webdataset's ShardWriter rolls them over), each shard's
+    manifest entry and offset index written as it closes."""
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     planted: list[dict[str, int]] = []
-    state: dict[str, Any] = {"writer": None, "file": None, "start": 0}
     index, flips = 0, flips or {}
 
-    def close_shard() -> None:
-        if state["writer"] is not None:
-            state["writer"].close()
-            state["file"].close()
-            shards.append(_shard_entry(tmp, split, len(shards), state["start"], index))
-            state["writer"] = state["file"] = None
+    def closed(fname: str) -> None:
+        start = shards[-1]["end"] if shards else 0
+        if index > start:
+            shards.append(_shard_entry(tmp, split, len(shards), start, index))
+        else:  # the writer opens its first shard before any sample: nothing usable was written
+            Path(fname).unlink(missing_ok=True)
 
+    writer = wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=shard_size, maxsize=float("inf"), post=closed,
+                             verbose=0, encoder=False, mtime=0)
     with progress_bar(len(records), f"ingest {split}", "img", progress) as bar:
         try:
             for pos, rec in enumerate(records):
@@ -132,22 +135,19 @@ def _write_split(tmp: Path, split: str, records: list[Record], shard_size: int, 
                     skipped.append({"path": rec.name, "reason": e.reason})
                     bar.update(1)
                     continue
-                if index % shard_size == 0:
-                    close_shard()
-                    state["file"] = open(tmp / shard_name(split, len(shards)), "wb")  # noqa: SIM115
-                    state["writer"] = wds.TarWriter(state["file"], encoder=False, mtime=0)
-                    state["start"] = index
                 if pos in flips:
                     planted.append({"index": index, "true": rec.label, "given": flips[pos]})
-                state["writer"].write(encode_sample(index, flips.get(pos, rec.label), ext, data))
+                writer.write(encode_sample(index, flips.get(pos, rec.label), ext, data))
                 index += 1
                 bar.update(1)
-            close_shard()
+            writer.close()
+        except OSError as e:  # a full disk: the failed write() names no file, so name the shard
+            raise OSError(e.errno, e.strerror or str(e), e.filename or writer.fname) from e
         finally:
-            if state["file"] is not None:  # an error mid-shard: release the handles; tmp is removed
+            if getattr(writer, "tarstream", None) is not None:  # an error mid-shard: release the file; tmp is removed
+                writer.post = None
                 with contextlib.suppress(Exception):
-                    state["writer"].close()
-                state["file"].close()
+                    writer.close()
     return {"count": index, "shards": shards, "skipped": skipped, **({"planted": planted} if planted else {})}
 
 

@@ -5,8 +5,9 @@ hard labels and top-k logits are exactly the teacher's answers for the images in
 online teacher mode (``teacher_mode: online``) runs the teacher inside the step instead, as the
 official DeiT code does, for comparison and verification.
 
-Read like facebookresearch/deit's ``engine.py``: :func:`train_one_epoch` and :func:`evaluate` do the
-work, :func:`run` wires up the data, model, optimiser, resume and checkpoints around them.
+Read like facebookresearch/deit's ``main.py``: :func:`pipeline.train.engine.train_one_epoch` (the loop
+every model of the project trains with) and :func:`evaluate` do the work, :func:`run` wires up the data, the
+model, the loss, the optimiser, resume and checkpoints around them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import io
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,95 +24,44 @@ from typing import Any
 import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pipeline.config import Config, canonical_hash
-from pipeline.evaluation import collect_logits_many, head_accuracies
-from pipeline.files import atomic_write_json, atomic_write_text, location, use_storage_options
-from pipeline.loading import make_loader, train_stream, val_dataset
-from pipeline.losses import (
+from pipeline.core.config import Config, canonical_hash
+from pipeline.core.errors import DistillError
+from pipeline.core.files import atomic_write_json, atomic_write_text, location, use_storage_options
+from pipeline.data.shards import Manifest, open_shards
+from pipeline.train import distributed
+from pipeline.train.checkpoint import (
+    StudentCheckpoint,
+    checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pipeline.train.engine import Criterion, Trainer, cosine_schedule, train_one_epoch
+from pipeline.train.evaluation import collect_logits_many, head_accuracies
+from pipeline.train.losses import (
+    LossParts,
     TeacherTargets,
     distillation_loss,
     teacher_targets_from_logits,
     teacher_targets_from_store,
 )
-from pipeline.models import create_student, load_teacher, resolve_teacher, teacher_forward, teacher_identity
-from pipeline.plan import stored_epoch
-from pipeline.progress import progress_bar
-from pipeline.reuse import reuse_warning
-from pipeline.run_store import open_complete_store
-from pipeline.sampling import steps_per_epoch
-from pipeline.shards import Manifest, open_shards
-from stages.common import StageError
-from stages.student_data import StoreJoin
+from pipeline.train.models import create_student, load_teacher, resolve_teacher, teacher_forward, teacher_identity
+from pipeline.train.reuse import reuse_warning
+from pipeline.train.run_store import open_complete_store
+from pipeline.views.join import StoreJoin
+from pipeline.views.loading import make_loader, train_stream, val_dataset
+from pipeline.views.plan import stored_epoch
+from pipeline.views.samples import Batch
+from pipeline.views.sampling import steps_per_epoch
 from store.provenance import differences, short
 
-SCHEDULE_UNITS = 1000
-"""lr updates per epoch: the warmup and cosine schedule run on epochs * SCHEDULE_UNITS."""
-Targets = Callable[[Any, torch.Tensor], TeacherTargets | None]
+Targets = Callable[[Batch, torch.Tensor], TeacherTargets | None]
 """(batch, views on the device) -> the teacher's targets for the batch (None without distillation)."""
-
-
-@dataclass
-class Trainer:
-    """What one training step needs: the model (and its DDP wrapper), optimiser, schedule, EMA, targets."""
-
-    model: torch.nn.Module
-    ddp: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sched: CosineLRScheduler
-    ema: ModelEmaV3 | None
-    targets: Targets
-    device: torch.device
-    steps: int
-    """Optimiser steps per epoch (the same on every rank)."""
-    step: int = 0
-
-    def schedule(self, epoch: float) -> None:
-        """Set the lr for the fractional epoch reached: the schedule is a function of epochs, not of steps,
-        so a run resumed with another global batch (another number of steps) stays on it."""
-        self.sched.step_update(round(epoch * SCHEDULE_UNITS))
-
-
-def train_one_epoch(cfg: Config, tr: Trainer, loader: Any, epoch: int, desc: str, show: bool) -> dict[str, float]:
-    """One epoch: ``tr.steps`` optimiser steps over ``loader``; returns the epoch's mean losses."""
-    steps = tr.steps
-    sc = cfg.student
-    tr.model.train()
-    sums = {k: torch.zeros((), dtype=torch.float64, device=tr.device) for k in ("loss", "base", "distill")}
-    it = iter(loader)
-    with progress_bar(steps, desc, "step", show, leave=False) as bar:
-        for step in range(1, steps + 1):
-            batch = next(it)
-            x = batch.view.to(tr.device, non_blocking=True)
-            y = batch.target.to(tr.device, non_blocking=True)
-            teacher = tr.targets(batch, x)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=tr.device.type == "cuda"):
-                outputs = tr.ddp(x)
-            parts = distillation_loss(outputs, y, teacher, kind=sc.distillation, alpha=sc.alpha, tau=sc.tau,
-                                      token=sc.token, teacher_smoothing=sc.teacher_smoothing)
-            tr.opt.zero_grad(set_to_none=True)
-            parts.total.backward()
-            if sc.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(tr.model.parameters(), sc.clip_grad)
-            tr.opt.step()
-            tr.step += 1
-            tr.schedule(epoch + step / steps)
-            if tr.ema is not None:
-                tr.ema.update(tr.model, step=tr.step)
-            for k, v in (("loss", parts.total), ("base", parts.base), ("distill", parts.distill)):
-                sums[k] += v.detach()
-            bar.update(1)
-            if not bar.disable and step % 10 == 0:  # a GPU sync, so only now and then
-                bar.set_postfix(loss=f"{float(sums['loss']) / step:.3f}", refresh=False)
-    del it
-    return {"loss": float(sums["loss"]) / steps, "loss_base": float(sums["base"]) / steps,
-            "loss_distill": float(sums["distill"]) / steps}
 
 
 def evaluate(models: list[torch.nn.Module], loader: Any, device: torch.device) -> dict[str, float]:
@@ -162,8 +111,9 @@ def _teacher(cfg: Config, manifest: Manifest, mode: str, dev: torch.device) -> t
         teacher_id = teacher_identity(cfg.teacher)
         open_complete_store(cfg, manifest, teacher_id)
 
-        def stored(batch: Any, x: torch.Tensor) -> TeacherTargets:  # checked and built on the CPU, then moved
-            return teacher_targets_from_store(batch.t_logits, batch.t_classes, batch.t_lse, batch.t_hard, c, sc.tau,
+        def stored(batch: Batch, x: torch.Tensor) -> TeacherTargets:  # checked and built on the CPU, then moved
+            s = batch.stored
+            return teacher_targets_from_store(s.logits, s.classes, s.logsumexp, s.hard, c, sc.tau,
                                               need_soft).to(dev, non_blocking=True)
 
         return StoreJoin(cfg.store.path), stored, teacher_id
@@ -175,6 +125,18 @@ def _teacher(cfg: Config, manifest: Manifest, mode: str, dev: torch.device) -> t
         teacher_forward(online, x, dev, to_cpu=False), sc.tau, need_soft), teacher_id
 
 
+def _criterion(cfg: Config, targets: Targets) -> Criterion:
+    """The DeiT loss of a batch: the class head against the mixed label, the teacher's term as configured."""
+    sc = cfg.student
+
+    def criterion(outputs: Any, batch: Batch, x: torch.Tensor) -> LossParts:
+        y = batch.target.to(x.device, non_blocking=True)
+        return distillation_loss(outputs, y, targets(batch, x), kind=sc.distillation, alpha=sc.alpha, tau=sc.tau,
+                                 token=sc.token, teacher_smoothing=sc.teacher_smoothing)
+
+    return criterion
+
+
 def _trainer(cfg: Config, env: distributed.DistEnv, manifest: Manifest, batch: int, targets: Targets) -> Trainer:
     """Model (DDP-wrapped on several ranks), AdamW with the lr scaled to the global batch, cosine schedule, EMA."""
     sc, dev = cfg.student, env.device
@@ -182,51 +144,50 @@ def _trainer(cfg: Config, env: distributed.DistEnv, manifest: Manifest, batch: i
     model = create_student(sc, num_classes=manifest.num_classes, img_size=cfg.aug.img_size, in_chans=cfg.aug.channels)
     model.set_distilled_training(True)
     model.to(dev)
-    ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
+    forward = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if env.world > 1 else model
     opt = create_optimizer_v2(model, opt="adamw", lr=sc.lr * batch * env.world / 512, weight_decay=sc.weight_decay)
-    sched = CosineLRScheduler(
-        opt, t_initial=sc.epochs * SCHEDULE_UNITS, lr_min=sc.min_lr, warmup_t=sc.warmup_epochs * SCHEDULE_UNITS,
-        warmup_lr_init=sc.warmup_lr, t_in_epochs=False,
-    )
+    sched = cosine_schedule(opt, epochs=sc.epochs, warmup_epochs=sc.warmup_epochs, lr_min=sc.min_lr,
+                            warmup_lr=sc.warmup_lr)
     ema = ModelEmaV3(model, decay=sc.ema_decay) if sc.ema else None
     steps = steps_per_epoch(manifest.count("train"), env.world, batch)
     if steps == 0:
-        raise StageError(
+        raise DistillError(
             f"a batch of {batch} on each of {env.world} rank(s) leaves no full global batch in an epoch of "
             f"{manifest.count('train')} samples; lower student.batch_size"
         )
-    return Trainer(model, ddp, opt, sched, ema, targets, dev, steps)
+    return Trainer(model, forward, opt, sched, _criterion(cfg, targets), dev, steps, ema, sc.clip_grad)
 
 
-def _batch(cfg: Config, world: int, ckpt: dict[str, Any] | None) -> int:
+def _batch(cfg: Config, world: int, ckpt: StudentCheckpoint | None) -> int:
     """The per-rank batch: student.batch_size, or on resuming on another number of ranks with
     ``elastic: keep_global_batch``, the checkpoint's global batch shared by the ranks now."""
     sc = cfg.student
-    if ckpt is None or sc.elastic == "rescale_lr" or "global_batch" not in ckpt:
+    if ckpt is None or sc.elastic == "rescale_lr":
         return sc.batch_size
-    glob = int(ckpt["global_batch"])
+    glob = int(ckpt.global_batch)
     if glob % world:
-        raise StageError(f"the checkpoint's global batch {glob} cannot be shared by {world} rank(s); resume on a "
+        raise DistillError(f"the checkpoint's global batch {glob} cannot be shared by {world} rank(s); resume on a "
                          "number of ranks that divides it, or set student.elastic: rescale_lr")
     return glob // world
 
 
-def _resume(tr: Trainer, ckpt: dict[str, Any], path: str, identity: dict[str, Any], rank: int) -> tuple[int, list]:
+def _resume(tr: Trainer, ckpt: StudentCheckpoint, path: str, identity: dict[str, Any],
+            rank: int) -> tuple[int, list]:
     """Load a checkpoint of this very run into ``tr``: (the first epoch to train, the history so far)."""
-    if ckpt.get("run_hash") != canonical_hash(identity):
-        raise StageError(
-            f"{path} is from another configuration ({_changed(ckpt.get('run_identity'), identity)}); "
+    if ckpt.run_hash != canonical_hash(identity):
+        raise DistillError(
+            f"{path} is from another configuration ({_changed(ckpt.run_identity, identity)}); "
             "use --restart to overwrite it, or set student.output to another folder"
         )
-    tr.model.load_state_dict(ckpt["model"])
-    tr.opt.load_state_dict(ckpt["optimizer"])
-    if tr.ema is not None and ckpt.get("ema") is not None:
-        tr.ema.load_state_dict(ckpt["ema"])
-    tr.step = ckpt["step"]
-    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    tr.model.load_state_dict(ckpt.model)
+    tr.opt.load_state_dict(ckpt.optimizer)
+    if tr.ema is not None and ckpt.ema is not None:
+        tr.ema.load_state_dict(ckpt.ema)
+    tr.step = ckpt.step
+    states = ckpt.rng if isinstance(ckpt.rng, list) else [ckpt.rng]
     set_rng_state(states[rank % len(states)])  # another number of ranks: the same draws cannot be replayed
-    return ckpt["epoch"] + 1, ckpt["history"]
+    return ckpt.epoch + 1, ckpt.history
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -274,14 +235,13 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
     train, loader = train_stream(manifest, cfg.aug, cfg.seed, batch_size=batch, rank=env.rank, world=env.world,
                                  view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
                                  shuffle=sc.shuffle, workers=workers, join=join, device=env.device)
-    val_loader = make_loader(val_dataset(manifest, cfg.aug, cfg.seed), cfg.evaluate.batch_size, workers)
+    val_loader = make_loader(val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size), workers)
     tr.schedule(start)
     for epoch in range(start, sc.epochs if until_epoch is None else min(sc.epochs, until_epoch)):
         train.set_epoch(epoch)
         t0 = time.perf_counter()
         desc = f"student[{sc.distillation}] epoch {epoch + 1}/{sc.epochs}"
-        row: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(cfg, tr, loader, epoch, desc,
-                                                                      progress and env.is_main)}
+        row: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(tr, loader, epoch, desc, progress and env.is_main)}
         row["lr"] = tr.opt.param_groups[0]["lr"]
         row["im_per_s"] = tr.steps * batch * env.world / (time.perf_counter() - t0)
         if ((epoch + 1) % sc.eval_every == 0 or epoch + 1 == sc.epochs) and env.is_main:
@@ -303,14 +263,14 @@ def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, out: str, 
             msg += (f" | val top-1 cls {row['val_cls_top1']:.4f} dist {row['val_dist_top1']:.4f} "
                     f"fused {row['val_fused_top1']:.4f}")
         tqdm.write(f"student[{cfg.student.distillation}] {msg}")
-        save_checkpoint(out, {
-            "run_hash": canonical_hash(identity), "run_identity": identity, "epoch": epoch, "step": tr.step,
-            "model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(),
-            "ema": tr.ema.state_dict() if tr.ema is not None else None, "rng": rng_states, "history": history,
-            "world": env.world, "batch_size": batch, "global_batch": batch * env.world,
-            "student": cfg.student.model_dump(mode="json"), "num_classes": num_classes,
-            "img_size": cfg.aug.img_size, "in_chans": cfg.aug.channels,
-        })
+        save_checkpoint(out, StudentCheckpoint(
+            run_hash=canonical_hash(identity), run_identity=identity, epoch=epoch, step=tr.step,
+            model=tr.model.state_dict(), optimizer=tr.opt.state_dict(),
+            ema=tr.ema.state_dict() if tr.ema is not None else None, rng=rng_states, history=history,
+            world=env.world, batch_size=batch, global_batch=batch * env.world,
+            student=cfg.student.model_dump(mode="json"), num_classes=num_classes,
+            img_size=cfg.aug.img_size, in_chans=cfg.aug.channels,
+        ))
         _write_outputs(out, history, _summary(cfg, mode, history))
     distributed.barrier()
 

@@ -17,15 +17,15 @@ import torch
 from tqdm import tqdm
 
 import store
-from pipeline import distributed
-from pipeline.config import Config
-from pipeline.files import location, use_storage_options
-from pipeline.loading import ReplayDataset, make_loader
-from pipeline.models import load_teacher, resolve_teacher, teacher_fit_samples, teacher_forward
-from pipeline.progress import progress_bar
-from pipeline.run_store import store_provenance, store_spec
-from pipeline.shards import Manifest, load_manifest, open_shards
-from stages.teacher_units import Collector, Unit, check_done, log_unit, pack_ready, pending
+from pipeline.core.config import Config
+from pipeline.core.files import location, use_storage_options
+from pipeline.core.progress import progress_bar
+from pipeline.data.shards import Manifest, load_manifest, open_shards
+from pipeline.train import distributed
+from pipeline.train.models import load_teacher, resolve_teacher, teacher_fit_samples, teacher_forward
+from pipeline.train.run_store import store_provenance, store_spec
+from pipeline.views.loading import EvalDataset, UnitDataset, make_loader
+from stages.teacher_units import Collector, Unit, drop_damaged_units, log_unit, pack_ready, pending
 
 
 def _images(manifest: Manifest, units: list[Unit]) -> int:
@@ -66,13 +66,15 @@ def _compute(cfg: Config, model, device: torch.device, group, manifests: tuple[M
         t0, cost = time.perf_counter(), costs.setdefault(split, [0, 0.0])
         source = manifest if split != "clean" else full  # every ingested train image
         collector = Collector(group, source, split, k, claims, str(cfg.store.path))
-        ds = ReplayDataset(source, cfg.aug, cfg.seed, units, split="train" if split == "clean" else split,
-                           evaluation=split != "train")
-        for batch in make_loader(ds, batch_size, workers, device=device):
-            logits = teacher_forward(model, batch.view, device).numpy()
-            collector.add(batch.epoch.numpy(), batch.index.numpy(), logits, batch)
-            bar.update(len(batch.index))
-            cost[0] += len(batch.index)
+        if split == "train":
+            ds = UnitDataset(source, cfg.aug, cfg.seed, units, batch_size=batch_size)
+        else:  # val, or the clean pass: evaluation views of every training image
+            ds = EvalDataset(source, cfg.aug, "train" if split == "clean" else split, [s for _, s in units],
+                             batch_size=batch_size)
+        for batch in make_loader(ds, workers, device=device):
+            collector.add(batch, teacher_forward(model, batch.view, device).numpy())
+            bar.update(len(batch))
+            cost[0] += len(batch)
         collector.check_complete()
         cost[1] += time.perf_counter() - t0
 
@@ -132,7 +134,7 @@ def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, p
     group = store.create_store(path, store_spec(cfg, manifest), prov)
     spec = store.spec_of(group)
     store.tidy(group)
-    check_done(group, spec, env.rank, env.world, progress)
+    drop_damaged_units(group, spec, env.rank, env.world, progress)
     done = int(store.done_mask(group).sum() + sum(store.val_done_mask(group, s).sum() for s in store.VIEW_SPLITS))
     if env.is_main and done:
         print(f"teacher: {done} unit(s) already done in {path}, skipping them")

@@ -7,27 +7,33 @@ records a hash of everything that shaped it, so a rerun with the same inputs doe
 
 from __future__ import annotations
 
+import operator
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from timm.scheduler import CosineLRScheduler
+from timm.optim import create_optimizer_v2
+from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.config import Config, canonical_hash
-from pipeline.files import atomic_write_json, location, torch_load, use_storage_options
-from pipeline.loading import ReplayDataset, loader_batches, make_loader, val_dataset
-from pipeline.losses import soft_target_cross_entropy
-from pipeline.models import create_teacher, save_teacher_checkpoint
-from pipeline.progress import progress_bar
-from pipeline.shards import Manifest, open_shards
-from stages.common import StageError
+from pipeline.core.config import Config, canonical_hash
+from pipeline.core.errors import DistillError
+from pipeline.core.files import atomic_write_json, location, torch_load, use_storage_options
+from pipeline.data.shards import Manifest, open_shards
+from pipeline.train import distributed
+from pipeline.train.engine import Trainer, classification_loss, cosine_schedule, train_one_epoch
+from pipeline.train.evaluation import collect_logits, topk_accuracy
+from pipeline.train.models import create_teacher, save_teacher_checkpoint
+from pipeline.views.loading import make_loader, train_stream, val_dataset
+from pipeline.views.sampling import steps_per_epoch
 
-FIT_EPOCH_BASE = 1_000_000
-"""Fit epoch t replays augmentation epoch FIT_EPOCH_BASE + t: fresh views, never a stored epoch's."""
+FIT_VIEW_EPOCH0 = 1_000_000
+"""Fit epoch t trains on the views of view epoch FIT_VIEW_EPOCH0 + t: fresh views, never a stored epoch's."""
 
 
 def fit_hash(cfg: Config, manifest: Manifest) -> str:
+    """What a fitted teacher depends on. Not the number of DataLoader workers, as for the students: the views and
+    the steps do not depend on it (the order of the samples does, through each worker's shuffle buffer)."""
     t = cfg.teacher
     return canonical_hash(
         {
@@ -37,7 +43,6 @@ def fit_hash(cfg: Config, manifest: Manifest) -> str:
             "aug": cfg.fit_aug().model_dump(mode="json"),
             "seed": cfg.seed,
             "manifest": manifest.fingerprint,
-            "workers": t.workers,  # each worker ends with its own partial batch: the steps and schedule follow
         }
     )
 
@@ -49,50 +54,45 @@ def _existing_hash(path: Path) -> str | None:
         return None
 
 
-@torch.no_grad()
 def evaluate_top1(model: torch.nn.Module, manifest: Manifest, cfg: Config, device: torch.device) -> float:
     """Top-1 accuracy on the val shards (evaluation views)."""
-    model.eval()
-    correct = total = 0
-    for batch in make_loader(val_dataset(manifest, cfg.aug, cfg.seed), cfg.evaluate.batch_size, 0):
-        pred = model(batch.view.to(device)).argmax(1).cpu()
-        correct += int((pred == batch.label).sum())
-        total += len(pred)
-    return correct / max(total, 1)
+    out = collect_logits(model, make_loader(val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size), 0), device)
+    return topk_accuracy(out["logits"], out["label"], 1)
+
+
+def _trainer(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.device) -> Trainer:
+    """SGD (timm's: Nesterov momentum, no weight decay on norms and biases), lr scaled to the batch, and a cosine
+    schedule with warm-up over fractional epochs; the loss is soft-target cross-entropy on the mixed labels."""
+    fit = cfg.teacher.fit
+    lr = fit.lr * fit.batch_size / 256
+    opt = create_optimizer_v2(model, opt="sgd", lr=lr, momentum=0.9, weight_decay=fit.weight_decay)
+    sched = cosine_schedule(opt, epochs=fit.epochs, warmup_epochs=fit.warmup_epochs, lr_min=lr * 1e-3,
+                            warmup_lr=lr * 0.01)
+    steps = steps_per_epoch(manifest.count("train"), 1, fit.batch_size)
+    if steps == 0:
+        raise DistillError(f"teacher.fit.batch_size {fit.batch_size} is larger than the {manifest.count('train')} "
+                           "training samples; lower it")
+    return Trainer(model, model, opt, sched, classification_loss, device, steps)
 
 
 def _fit(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.device,
          progress: bool) -> list[dict[str, float]]:
-    """SGD (Nesterov) with a cosine schedule over fresh views each epoch; returns the per-epoch losses."""
-    fit, n_train, ranges = cfg.teacher.fit, manifest.count("train"), manifest.ranges("train")
-    shards = range(len(ranges))
-    steps_per_epoch = loader_batches(ranges, [(0, s) for s in shards], fit.batch_size, cfg.teacher.workers)
-    lr = fit.lr * fit.batch_size / 256
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=fit.weight_decay)
-    sched = CosineLRScheduler(
-        opt, t_initial=fit.epochs * steps_per_epoch, lr_min=lr * 1e-3,
-        warmup_t=fit.warmup_epochs * steps_per_epoch, warmup_lr_init=lr * 0.01, t_in_epochs=False,
-    )
-    fit_aug, history, step = cfg.fit_aug(), [], 0
-    with progress_bar(fit.epochs * n_train, f"teacher-fit {cfg.teacher.model}", "im", progress) as bar:
-        for epoch in range(fit.epochs):
-            model.train()
-            units = [(FIT_EPOCH_BASE + epoch, s) for s in shards]
-            ds = ReplayDataset(manifest, fit_aug, cfg.seed, units, shuffle=min(4096, n_train))
-            loss_sum = seen = 0.0
-            for batch in make_loader(ds, fit.batch_size, cfg.teacher.workers, device=device):
-                x, y = batch.view.to(device), batch.target.to(device)
-                loss = soft_target_cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                sched.step_update(step)
-                loss_sum += float(loss.detach()) * len(x)
-                seen += len(x)
-                bar.update(len(x))
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", refresh=False)
-            history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1)})
+    """Train on fresh views every epoch, with the students' loader and training step; the per-epoch losses."""
+    fit = cfg.teacher.fit
+    tr = _trainer(cfg, manifest, model, device)
+    train, loader = train_stream(manifest, cfg.fit_aug(), cfg.seed, batch_size=fit.batch_size,
+                                 view_epoch=partial(operator.add, FIT_VIEW_EPOCH0), rank=0, world=1,
+                                 shuffle=fit.shuffle, workers=cfg.teacher.workers, device=device)
+    tr.schedule(0)
+    history = []
+    for epoch in range(fit.epochs):
+        train.set_epoch(epoch)
+        t0 = time.perf_counter()
+        desc = f"teacher-fit {cfg.teacher.model} epoch {epoch + 1}/{fit.epochs}"
+        row = train_one_epoch(tr, loader, epoch, desc, progress)
+        history.append({"epoch": epoch, "loss": row["loss"]})
+        rate = tr.steps * fit.batch_size / (time.perf_counter() - t0)
+        tqdm.write(f"teacher-fit epoch {epoch + 1}/{fit.epochs} loss {row['loss']:.4f} {rate:.0f} im/s")
     return history
 
 
@@ -101,7 +101,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     use_storage_options(cfg.storage_options)
     env = distributed.setup(device)
     if env.world > 1:
-        raise StageError("teacher-fit runs in one process; start it without torchrun")
+        raise DistillError("teacher-fit runs in one process; start it without torchrun")
     fit = cfg.teacher.fit
     manifest = open_shards(cfg)
     out = location(fit.output)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 import store
-from pipeline.progress import progress_bar
-from pipeline.shards import Manifest
-from stages.common import StageError
+from pipeline.core.errors import DistillError
+from pipeline.core.progress import progress_bar
+from pipeline.data.shards import Manifest
+from pipeline.views.samples import Batch
 
 Unit = tuple[str, int, int]
 """(split, stored epoch, shard); val units have epoch 0."""
@@ -66,7 +67,10 @@ class Collector:
         self.open: dict[tuple[int, int], _UnitBuffer] = {}
         self.written = 0
 
-    def add(self, epoch: np.ndarray, index: np.ndarray, logits: np.ndarray, batch) -> None:
+    def add(self, batch: Batch, logits: np.ndarray) -> None:
+        """Scatter a batch's teacher logits (and its samples' labels and plan) into the units they belong to."""
+        index = batch.index.numpy()
+        epoch = batch.view_epoch.numpy() if batch.view_epoch is not None else np.zeros_like(index)
         shard = np.searchsorted(self.starts, index, side="right") - 1
         for e, s in sorted(set(zip(epoch.tolist(), shard.tolist(), strict=True))):
             rows = np.flatnonzero((epoch == e) & (shard == s))
@@ -75,7 +79,7 @@ class Collector:
                 buf = self.open[(e, s)] = _UnitBuffer.new(*self.ranges[s], self.num_classes)
             local = index[rows] - buf.start
             if buf.seen[local].any():
-                raise StageError(f"unit (epoch {e}, shard {s}): a sample was replayed twice")
+                raise DistillError(f"unit (epoch {e}, shard {s}): a sample was replayed twice")
             buf.seen[local] = True
             buf.logits[local] = logits[rows]
             buf.label[local] = batch.label.numpy()[rows]
@@ -86,11 +90,10 @@ class Collector:
                 self._write(e, s, self.open.pop((e, s)))
 
     def _write(self, epoch: int, shard: int, buf: _UnitBuffer) -> None:
-        epoch = epoch if self.split == "train" else 0  # evaluation views carry EVAL_EPOCH; val units are epoch 0
         try:
             topk_logits, topk_classes, _, lse = store.topk_from_logits(buf.logits, self.k)
         except ValueError as e:  # NaN/inf logits
-            raise StageError(f"teacher output for {self.split} unit (epoch {epoch}, shard {shard}): {e}; "
+            raise DistillError(f"teacher output for {self.split} unit (epoch {epoch}, shard {shard}): {e}; "
                              "check the teacher checkpoint and the normalisation (aug.mean/std)") from e
         targets = dict(topk_logits=topk_logits, topk_classes=topk_classes, logsumexp=lse, label=buf.label)
         try:
@@ -99,7 +102,7 @@ class Collector:
             else:
                 store.write_val_unit(self.group, shard, split=self.split, **targets)
         except OSError as e:  # disk full, permission denied, a read-only store
-            raise StageError(f"logit store {self.path}: cannot write {self.split} unit (epoch {epoch}, shard "
+            raise DistillError(f"logit store {self.path}: cannot write {self.split} unit (epoch {epoch}, shard "
                              f"{shard}): {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from e
         log_unit(self.claims.owner, (self.split, epoch, shard), "written")
         self.claims.release(self.split, epoch, shard)
@@ -108,7 +111,7 @@ class Collector:
     def check_complete(self) -> None:
         if self.open:
             left = ", ".join(f"(epoch {e}, shard {s})" for e, s in sorted(self.open))
-            raise StageError(f"{self.split} units ended incomplete: {left}")
+            raise DistillError(f"{self.split} units ended incomplete: {left}")
 
 
 def pending(group, spec: store.StoreSpec) -> list[Unit]:
@@ -119,8 +122,8 @@ def pending(group, spec: store.StoreSpec) -> list[Unit]:
             + [(split, 0, s) for split, d in views.items() for s in np.flatnonzero(~d).tolist()])
 
 
-def check_done(group, spec: store.StoreSpec, rank: int, world: int, progress: bool) -> list[Unit]:
-    """Read back every done unit (this rank's share) and make each damaged one not done, so it is computed
+def drop_damaged_units(group, spec: store.StoreSpec, rank: int, world: int, progress: bool) -> list[Unit]:
+    """Read back every done unit (this rank's share) and drop the done mark of each damaged one, so it is computed
     again: a staged unit loses its record; a packed epoch goes back to staged units, all but the damaged;
     returns the damaged units."""
     units = [("train", int(e), int(s)) for e, s in np.argwhere(store.done_mask(group))]

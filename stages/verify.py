@@ -13,20 +13,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import store
-from pipeline.config import AugConfig, Config
-from pipeline.distributed import resolve_device
-from pipeline.files import use_storage_options
-from pipeline.handover import Finisher
-from pipeline.loading import ReplayDataset
-from pipeline.models import load_teacher, resolve_teacher, teacher_forward
-from pipeline.plan import check_plan, epoch_plan
-from pipeline.progress import progress_bar
-from pipeline.replay import replay_indices
-from pipeline.run_store import store_provenance
-from pipeline.shards import Manifest, open_shards, shard_samples
+from pipeline.core.config import AugConfig, Config
+from pipeline.core.errors import DistillError
+from pipeline.core.files import use_storage_options
+from pipeline.core.progress import progress_bar
+from pipeline.data.shards import Manifest, open_shards, shard_samples
+from pipeline.train.distributed import resolve_device
+from pipeline.train.models import load_teacher, resolve_teacher, teacher_forward
+from pipeline.train.run_store import store_provenance
+from pipeline.views.handover import Finisher
+from pipeline.views.loading import UnitDataset
+from pipeline.views.plan import check_plan, epoch_plan
+from pipeline.views.replay import replay_indices
+
+MIN_AGREEMENT = 0.99
+"""Default least hard-label agreement (bf16 on CUDA may flip near-ties)."""
+MAX_LOGIT_DIFF = 0.5
+"""Default tolerance on |stored - recomputed| logits (measured: see the README's verify section)."""
+
+
+class VerificationFailed(DistillError):
+    """The store is damaged, incomplete, or does not hold what the teacher computes on the replayed views; the
+    message is the report's summary and one line per problem."""
+
+    def __init__(self, report: VerifyReport, problems: list[str]) -> None:
+        super().__init__("\n".join([report.summary(), *problems]))
+        self.report, self.problems = report, problems
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,30 @@ class VerifyReport:
     @property
     def agreement(self) -> float:
         return self.agree / max(self.checked, 1)
+
+    def summary(self) -> str:
+        """The report in one line."""
+        views = ("views finished on the CPU only (no device to compare)" if self.device_view_diff is None else
+                 "CPU- and device-finished views identical: stored targets hold on either"
+                 if self.device_view_diff == 0 else
+                 f"CPU- and device-finished views differ by up to {self.device_view_diff:.3g}: targets stored from "
+                 "one device type are approximate on the other")
+        return (f"verify: {self.units} unit(s) read back, {len(self.damaged)} damaged, {self.nan} with NaN; "
+                f"{self.agree}/{self.checked} hard labels agree ({self.agreement:.2%}), "
+                f"max |delta logit| {self.max_abs_logit_diff:.4g}; {views}")
+
+    def problems(self, min_agreement: float = MIN_AGREEMENT, max_logit_diff: float = MAX_LOGIT_DIFF) -> list[str]:
+        """Why the store fails verification (none: it passes)."""
+        out = [*self.damaged]
+        if self.nan:
+            out.append(f"{self.nan} unit(s) hold NaN targets")
+        if self.checked and self.agreement < min_agreement:
+            out.append(f"hard-label agreement {self.agreement:.2%} is below --min-agreement {min_agreement:.2%}: "
+                       "the store does not match what the teacher computes on the replayed views")
+        if self.max_abs_logit_diff > max_logit_diff:
+            out.append(f"max |delta logit| {self.max_abs_logit_diff:.4g} is above --max-logit-diff "
+                       f"{max_logit_diff:g}: the stored logits are not this teacher's on these views")
+        return out
 
 
 def check_units(group, progress: bool = False) -> tuple[int, list[str], int, set[tuple[int, int]]]:
@@ -83,8 +121,18 @@ def _picks(manifest: Manifest, good: set[tuple[int, int]], samples: int, seed: i
     return by_unit
 
 
-def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", progress: bool = False) -> VerifyReport:
-    """Check every unit, then re-run the teacher on ``samples`` random stored views and compare."""
+def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", progress: bool = False,
+        min_agreement: float = MIN_AGREEMENT, max_logit_diff: float = MAX_LOGIT_DIFF) -> VerifyReport:
+    """Check every unit, then re-run the teacher on ``samples`` random stored views and compare; the report, or
+    VerificationFailed naming every problem."""
+    report = _report(cfg, samples, seed, device, progress)
+    problems = report.problems(min_agreement, max_logit_diff)
+    if problems:
+        raise VerificationFailed(report, problems)
+    return report
+
+
+def _report(cfg: Config, samples: int, seed: int, device: str, progress: bool) -> VerifyReport:
     use_storage_options(cfg.storage_options)
     dev = resolve_device(device)
     manifest = open_shards(cfg)
@@ -120,6 +168,6 @@ def device_view_diff(manifest: Manifest, aug: AugConfig, seed: int, unit: tuple[
     (0 means targets stored from views made on one device type hold for the other). None on the CPU."""
     if device.type == "cpu":
         return None
-    raw = next(iter(DataLoader(ReplayDataset(manifest, aug, seed, [unit]), batch_size=64)))
+    raw = next(iter(UnitDataset(manifest, aug, seed, [unit], batch_size=64)))
     finish = Finisher(aug)
     return float((finish(raw, "cpu") - finish(raw, device).cpu()).abs().max())

@@ -19,22 +19,16 @@ import zarr
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from store.layout import FORMAT, SPEC_IDENTITY, StoreSpec, array_layout, codecs_for, no_data, validate_spec
-from store.objects import objects_at
+from store.objects import is_url, local_path, objects_at
 from store.provenance import IDENTITY_FIELDS, StoreError, check_identity, differences, mismatch_error, normalize
 
 
-def is_local(path: str | Path) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
-def store_path(path: str | Path) -> str | Path:
-    """What zarr is given: a Path for local stores, the URL string otherwise (fsspec)."""
-    return Path(str(path).removeprefix("file://")) if is_local(path) else str(path)
-
-
 def _open(path: str | Path, mode: str, storage_options: dict[str, Any] | None, **kw: Any) -> zarr.Group:
-    opts = {} if is_local(path) or not storage_options else {"storage_options": storage_options}
-    return zarr.open_group(store_path(path), mode=mode, **opts, **kw)
+    """zarr's group at a local path (a Path) or a URL (a string, through fsspec)."""
+    if not is_url(path):
+        return zarr.open_group(Path(local_path(path)), mode=mode, **kw)
+    opts = {"storage_options": storage_options} if storage_options else {}
+    return zarr.open_group(str(path), mode=mode, **opts, **kw)
 
 
 def finalize(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
@@ -121,7 +115,7 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None,
         root = _open(path, "r", storage_options)
     except FileNotFoundError:
         objs = objects_at(path, storage_options)
-        if objs.local and Path(objs.root).exists() or not objs.local and objs.fs.exists(objs.root):
+        if objs.fs.exists(objs.root):
             raise StoreError(f"logit store {path}: exists but is not a Zarr store (no zarr.json); "
                              "is it the right path?") from None
         raise StoreError(f"logit store {path}: not found (run the teacher stage to create it)") from None

@@ -110,7 +110,7 @@ def train_frame(
     """One row per stored (epoch, index) over the done units of ``epochs`` (all stored epochs if None).
 
     ``plans`` gives each unit's mix plan (the store keeps its digest, and a plan that does not match it is
-    refused); ``pipeline.audit_tables.store_plans`` derives it from the store's provenance.
+    refused); ``pipeline.audit.tables.store_plans`` derives it from the store's provenance.
 
     Columns: epoch, index, shard, label, teacher (top-1 class, = hard_label), p_teacher, p_label,
     label_in_topk, margin (p1 - p2, NaN when k = 1), kind (categorical none/mixup/cutmix), partner

@@ -7,14 +7,14 @@ and the array) when a chunk is missing, damaged or from another unit.
 
 from __future__ import annotations
 
-import asyncio
+import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from store.create import open_store
 from store.layout import STAGE, TRAIN_TARGETS, VAL_TARGETS, no_data, spec_of
@@ -97,28 +97,44 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
     return arrays[name]
 
 
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads that wait on zarr's reads (one pool per process: a forked DataLoader worker makes its own)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-read"))
+    return _POOL[1]
+
+
 def _read(group: zarr.Group, reads: dict[str, tuple[str, Any]], where: str) -> dict[str, np.ndarray]:
-    """Every ``name: (array, selection)`` at once (zarr fetches and decodes them concurrently: one round trip
-    of latency on an object store, not eight); a chunk zarr cannot read is a DamagedUnit naming the array."""
-    handles = {name: _array(group, path).async_array for name, (path, _) in reads.items()}
-
-    async def fetch() -> list[Any]:
-        return await asyncio.gather(*(handles[n].getitem(sel) for n, (_, sel) in reads.items()),
-                                    return_exceptions=True)
-
+    """Every ``name: (array, selection)`` at once (zarr's event loop fetches and decodes them concurrently: one
+    round trip of latency on an object store, not eight); a chunk zarr cannot read is a DamagedUnit naming the
+    array."""
+    futures = {name: _pool().submit(_array(group, path).__getitem__, sel) for name, (path, sel) in reads.items()}
     out = {}
-    for (name, (path, _)), got in zip(reads.items(), sync(fetch()), strict=True):
-        if isinstance(got, OSError) and not isinstance(got, FileNotFoundError):
+    for name, future in futures.items():
+        path = reads[name][0]
+        try:
+            got = future.result()
+        except OSError as e:
+            if isinstance(e, FileNotFoundError):
+                raise _damaged(where, path, e) from e
             # a timeout, throttling, an expired credential, a permission: the store may be fine, so this is no
             # damage for the teacher to "repair" (it would drop good units), but an error naming the array
-            raise StoreError(f"{where}, array {path}: cannot be read now ({type(got).__name__}: {got}); the "
-                             "unit is not known to be damaged: retry when the storage answers") from got
-        if isinstance(got, Exception):  # zarr's CRC32C, the decompressor or a chunk gone from under its record
-            first = str(got).strip().splitlines()[0] if str(got).strip() else ""
-            raise DamagedUnit(f"{where}, array {path}: cannot be read ({type(got).__name__}: {first}); "
-                              "re-run `distill teacher` to rewrite the unit") from got
+            raise StoreError(f"{where}, array {path}: cannot be read now ({type(e).__name__}: {e}); the "
+                             "unit is not known to be damaged: retry when the storage answers") from e
+        except Exception as e:  # zarr's CRC32C, the decompressor or a chunk gone from under its record
+            raise _damaged(where, path, e) from e
         out[name] = np.asarray(got)
     return out
+
+
+def _damaged(where: str, path: str, e: BaseException) -> DamagedUnit:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return DamagedUnit(f"{where}, array {path}: cannot be read ({type(e).__name__}: {first}); "
+                       "re-run `distill teacher` to rewrite the unit")
 
 
 def _check(where: str, prefix: str, record: Record, rows: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:

@@ -3,7 +3,7 @@
 The writer keeps per view the k largest logits (float16, sorted), their classes, the argmax and the
 logsumexp of the full logits; from those a reader rebuilds exact probabilities of the stored classes
 (``exp(logit - lse)``) and the *tail mass* of the rest, spread evenly over the unstored classes. This
-is the numpy home of that arithmetic; ``pipeline.losses.dense_log_probs_from_topk`` is its torch twin
+is the numpy home of that arithmetic; ``pipeline.train.losses.dense_log_probs_from_topk`` is its torch twin
 (tested to agree).
 """
 

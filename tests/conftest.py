@@ -13,12 +13,19 @@ Helpers (plain functions, importable as ``from conftest import make_idx`` or use
 
 Fixtures: ``idx_root`` (25 train / 12 val gzipped 28x28 images, 10 classes), ``imagefolder_roots``
 (``(train_root, val_root)``, 3 classes, 3 train / 2 val each, PNG and JPEG mixed), ``tiny_config``
-(an idx Config on ``idx_root`` with shards in ``tmp_path / "shards"`` and shard_size 10).
+(an idx Config on ``idx_root`` with shards in ``tmp_path / "shards"`` and shard_size 10); for the whole
+session, ``random_teacher_run`` (30 train / 12 val images ingested, a random teacher) and ``reference_store``
+(its store, filled by one process: never modified, copy it to damage it).
+
+Under pytest-xdist (``make test`` runs two workers) every worker and its subprocesses use one torch thread:
+two workers on two cores with two OpenMP threads each spin against each other.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the project is not installed in the venv; make it importable
     sys.path.insert(0, str(ROOT))
 
-from pipeline.config import Config  # noqa: E402
+from pipeline.core.config import Config  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses (torchrun, dvc) the tests start
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
@@ -166,7 +176,7 @@ def save_random_teacher(cfg: Config, path: Path, seed: int, num_classes: int = 1
     """A randomly initialised teacher of ``cfg.teacher.model``, saved as a checkpoint (tests need no competence)."""
     import torch
 
-    from pipeline.models import create_teacher, save_teacher_checkpoint
+    from pipeline.train.models import create_teacher, save_teacher_checkpoint
 
     torch.manual_seed(seed)
     net = create_teacher(
@@ -234,6 +244,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+N_TRAIN, N_VAL, CLASSES = 30, 12, 10
+"""The shared run's data: train and val images, classes."""
+
+
+@pytest.fixture(scope="session")
+def random_teacher_run(tmp_path_factory) -> Config:
+    """Ingested tiny dataset (shards of 10) + a random teacher checkpoint; E=2, K=5, store path unset."""
+    tmp = tmp_path_factory.mktemp("random-teacher")
+    root = make_idx(tmp / "idx", N_TRAIN, N_VAL, classes=CLASSES)
+    cfg = make_config(tmp, {"source": "idx", "root": str(root)})
+    from stages import ingest
+
+    ingest.run(cfg, progress=False)
+    ckpt = save_random_teacher(cfg, tmp / "random_teacher.pt", seed=0, num_classes=CLASSES)
+    return derive(cfg, teacher={"checkpoint": str(ckpt)}, store={"path": str(tmp / "unused.zarr")})
+
+
+@pytest.fixture(scope="session")
+def reference_store(random_teacher_run: Config) -> Path:
+    """The shared run's store, written by one process (workers 0, batch 16). Never modified by tests."""
+    from stages import teacher
+
+    path = Path(random_teacher_run.data.shards).parent / "reference.zarr"
+    teacher.run(at(random_teacher_run, path), workers=0, batch_size=16, progress=False, device="cpu")
+    return path
+
+
+def copy_store(reference: Path, path: Path) -> Path:
+    shutil.copytree(reference, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for a module: on a shared 2-core machine two OpenMP threads spin against other
@@ -293,7 +342,7 @@ def rewrite_unit(path: Path, epoch: int, shard: int, plan=None, **changes) -> No
     import zarr
 
     import store
-    from pipeline.audit_tables import store_plans
+    from pipeline.audit.tables import store_plans
 
     g = zarr.open_group(str(path), mode="r+")
     if epoch in store.packed_epochs(g):

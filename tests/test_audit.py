@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, make_config, make_idx
 
 import store
-from pipeline import audit_tables, label_issues
-from pipeline.shards import ShardError, load_manifest, open_shards, run_manifest
+from pipeline.audit import rankings, tables
+from pipeline.data.shards import ShardError, load_manifest, open_shards, run_manifest
 from stages import audit, audit_report, ingest
 
 C = 4
@@ -106,7 +106,7 @@ def build(tmp: Path) -> Planted:
     prov = {"manifest_fingerprint": m.fingerprint, "num_classes": C, "epochs": E, "topk": K,
             "aug": cfg.aug.model_dump(mode="json"), "seed": cfg.seed}
     group = store.create_store(cfg.store.path, spec, prov)
-    plans = audit_tables.store_plans(group)
+    plans = tables.store_plans(group)
     confident, weak = _choose(plans, spec.train_ranges, labels)
     rng = np.random.default_rng(0)
     views = []
@@ -254,8 +254,8 @@ def test_dense_all_mixed_store_weighs_each_view_by_its_blend(tmp_path):
     df = store.train_frame(g, lambda e, s: plan)
     assert df["label_in_topk"].all()
     np.testing.assert_allclose(df["p_label"], softmax(x)[np.arange(6), label], atol=4e-3)
-    images = label_issues.image_table(store.val_frame(g, split="clean"), ["a", "b", "c"], train=df)
-    t = audit_tables.audit_frames(df, None, images, ["a", "b", "c"], threshold=0.0)
+    images = rankings.image_table(store.val_frame(g, split="clean"), ["a", "b", "c"], train=df)
+    t = tables.audit_frames(df, None, images, ["a", "b", "c"], threshold=0.0)
     teacher = x.argmax(1)
     weighted = 0.6 * (teacher == label) + 0.4 * (teacher == label[partner])
     assert t.headline["weighted_agreement"] == pytest.approx(weighted.mean())
@@ -281,8 +281,8 @@ def expected_per_class(views: list[dict], pred=lambda v: True) -> tuple[list[int
 
 def test_audit_tables_match_what_was_planted(planted):
     g = store.open_store(planted.store_path)
-    images = label_issues.image_table(store.val_frame(g, classes=NAMES, split="clean"), NAMES)
-    t = audit_tables.audit_frames(store.train_frame(g, planted.plans, classes=NAMES), store.val_frame(g, classes=NAMES),
+    images = rankings.image_table(store.val_frame(g, classes=NAMES, split="clean"), NAMES)
+    t = tables.audit_frames(store.train_frame(g, planted.plans, classes=NAMES), store.val_frame(g, classes=NAMES),
                                   images, NAMES, top=5)
     views, unmixed = planted.views, [v for v in planted.views if v["kind"] == store.KIND_NONE]
     h = t.headline
@@ -338,8 +338,8 @@ def test_audit_tables_match_what_was_planted(planted):
 def test_suspects_are_the_images_whose_label_the_teacher_gives_little(planted):
     g = store.open_store(planted.store_path)
     files = [f"train-{s:06d}.tar" for s in range(3)]
-    images = label_issues.image_table(store.val_frame(g, classes=NAMES, split="clean"), NAMES, files=files)
-    ranked = audit_tables.rank_images(images, threshold=0.05)
+    images = rankings.image_table(store.val_frame(g, classes=NAMES, split="clean"), NAMES, files=files)
+    ranked = tables.rank_images(images, threshold=0.05)
     conf = planted.confident  # one per shard, strengths 9 > 7 > 5: the label's probability grows in that order
     sus = ranked[ranked["suspect"]]
     assert sus["index"].tolist() == conf and sus["rank"].tolist() == [1, 2, 3]
@@ -351,13 +351,13 @@ def test_suspects_are_the_images_whose_label_the_teacher_gives_little(planted):
     assert ranked["index"].iloc[3] == planted.weak  # contradicted, but with the label second: next, not a suspect
     assert (ranked["margin"] < 0).sum() == 4 and len(ranked) == len(lab)
     # the threshold: 0.5 adds the weak contradiction (p_label ~ 0.32), 0 leaves none
-    assert planted.weak in audit_tables.rank_images(images, threshold=0.5).query("suspect")["index"].tolist()
-    assert not audit_tables.rank_images(images, threshold=0.0)["suspect"].any()
+    assert planted.weak in tables.rank_images(images, threshold=0.5).query("suspect")["index"].tolist()
+    assert not tables.rank_images(images, threshold=0.0)["suspect"].any()
 
 
 def test_view_agreement_weighs_each_view_for_both_images_it_shows(planted):
     g = store.open_store(planted.store_path)
-    agree = label_issues.view_agreement(store.train_frame(g, planted.plans), len(planted.labels))
+    agree = rankings.view_agreement(store.train_frame(g, planted.plans), len(planted.labels))
     for i in (planted.confident[0], planted.weak, 7):
         w = hit = n = 0.0
         for v in planted.views:

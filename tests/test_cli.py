@@ -59,3 +59,9 @@ def test_audit_options_out_of_range_are_clean_errors_naming_the_option():
         result = CliRunner().invoke(main, ["audit", *args])
         assert result.exit_code == 2
         assert name in result.output and "Traceback" not in result.output
+
+
+def test_verify_options_default_to_the_stages_own_rules():
+    from stages import cli, verify
+
+    assert (cli.MIN_AGREEMENT, cli.MAX_LOGIT_DIFF) == (verify.MIN_AGREEMENT, verify.MAX_LOGIT_DIFF)

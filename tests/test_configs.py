@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipeline.models import create_student, create_teacher
+from pipeline.core.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.train.models import create_student, create_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_same_store, at, derive, make_config, make_idx, save_random_teacher, undo_unit, write_yaml
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from stages import ingest, teacher
 
 ROOT = Path(__file__).resolve().parent.parent

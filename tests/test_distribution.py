@@ -13,19 +13,20 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import derive, free_port, make_config, make_idx, save_random_teacher, write_yaml
 
-from pipeline.config import Config
-from pipeline.loading import ReplayDataset, make_loader, train_stream
-from pipeline.plan import stored_epoch
-from pipeline.sampling import epoch_order, steps_per_epoch, worker_pieces
-from pipeline.shards import load_manifest
+from pipeline.core.config import Config
+from pipeline.data.shards import load_manifest
+from pipeline.views.join import StoreJoin
+from pipeline.views.loading import UnitDataset, make_loader, train_stream
+from pipeline.views.plan import stored_epoch
+from pipeline.views.sampling import epoch_order, steps_per_epoch, worker_pieces
 from stages import ingest, student, teacher
-from stages.student_data import StoreJoin
 
 ROOT = Path(__file__).resolve().parent.parent
 N, RANGES = 25, [(0, 10), (10, 20), (20, 25)]
@@ -96,7 +97,7 @@ def stream(cfg: Config, world: int, rank: int, workers: int, epoch: int, join: b
     out = {}
     for b in loader:
         for j in range(len(b.index)):
-            out[int(b.index[j])] = (b.view[j].numpy().tobytes(), int(b.t_hard[j]) if join else None)
+            out[int(b.index[j])] = (b.view[j].numpy().tobytes(), int(b.stored.hard[j]) if join else None)
     return out
 
 
@@ -105,10 +106,10 @@ def test_pieces_make_the_same_views_and_targets_as_whole_units(mixed, workers):
     """A view is the same whether its window is replayed whole (the teacher stage) or cut into pieces."""
     m = load_manifest(mixed.data.shards)
     whole = {}
-    for b in make_loader(ReplayDataset(m, mixed.aug, mixed.seed, [(1, s) for s in range(3)],
-                                       join=StoreJoin(mixed.store.path)), 5, 0):
+    for b in make_loader(UnitDataset(m, mixed.aug, mixed.seed, [(1, s) for s in range(3)], batch_size=5,
+                                     join=StoreJoin(mixed.store.path)), 0):
         for j in range(len(b.index)):
-            whole[int(b.index[j])] = (b.view[j].numpy().tobytes(), int(b.t_hard[j]))
+            whole[int(b.index[j])] = (b.view[j].numpy().tobytes(), int(b.stored.hard[j]))
     for world in (1, 3):
         for rank in range(world):
             got = stream(mixed, world, rank, workers, epoch=3)  # training epoch 3 replays stored epoch 1
@@ -135,10 +136,10 @@ RANK_SCRIPT = """
 import json, sys
 from functools import partial
 import torch.distributed as dist
-from pipeline.config import load_config
-from pipeline.loading import train_stream
-from pipeline.plan import stored_epoch
-from pipeline.shards import open_shards
+from pipeline.core.config import load_config
+from pipeline.views.loading import train_stream
+from pipeline.views.plan import stored_epoch
+from pipeline.data.shards import open_shards
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 cfg = load_config(sys.argv[1])
@@ -220,10 +221,11 @@ def test_rescale_lr_keeps_the_batch_per_rank_and_scales_the_lr(mixed, tmp_path):
 
 
 def test_an_indivisible_global_batch_is_refused_with_a_way_out(mixed):
-    from stages.common import StageError
+    from pipeline.core.errors import DistillError
 
-    assert student._batch(mixed, 2, {"global_batch": 8}) == 4
-    with pytest.raises(StageError, match="elastic: rescale_lr"):
-        student._batch(mixed, 3, {"global_batch": 8})
+    ckpt = SimpleNamespace(global_batch=8)  # a checkpoint of a run on 2 ranks x 4
+    assert student._batch(mixed, 2, ckpt) == 4
+    with pytest.raises(DistillError, match="elastic: rescale_lr"):
+        student._batch(mixed, 3, ckpt)
     rescale = derive(mixed, student={"elastic": "rescale_lr"})
-    assert student._batch(rescale, 3, {"global_batch": 8}) == mixed.student.batch_size
+    assert student._batch(rescale, 3, ckpt) == mixed.student.batch_size

@@ -8,21 +8,22 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from pipeline.checkpoint import CHECKPOINT, load_student
-from pipeline.config import StudentConfig
-from pipeline.evaluation import collect_logits, collect_logits_many, topk_accuracy
-from pipeline.models import create_student
-from stages.common import StageError
+from pipeline.core.config import StudentConfig
+from pipeline.core.errors import DistillError
+from pipeline.train.checkpoint import CHECKPOINT, StudentCheckpoint, load_student, save_checkpoint
+from pipeline.train.evaluation import collect_logits, collect_logits_many, topk_accuracy
+from pipeline.train.models import create_student
 from stages.evaluate import student_names
 
 TINY = StudentConfig(patch_size=4, embed_dim=16, depth=1, num_heads=2, distillation="hard")
 
 
 def _checkpoint(folder: Path, **shape: int) -> Path:
-    folder.mkdir(parents=True)
+    """A student checkpoint as the student stage writes it, after 3 epochs."""
     model = create_student(TINY, **shape)
-    torch.save({"student": TINY.model_dump(mode="json"), "model": model.state_dict(), "epoch": 2, **shape},
-               folder / CHECKPOINT)
+    save_checkpoint(folder, StudentCheckpoint(
+        run_hash="", run_identity={}, epoch=2, step=30, model=model.state_dict(), optimizer={}, ema=None, rng=None,
+        history=[], world=1, batch_size=8, global_batch=8, student=TINY.model_dump(mode="json"), **shape))
     return folder
 
 
@@ -46,7 +47,7 @@ def test_students_are_named_by_folder():
     (["runs/student-teacher"], "'teacher' is reserved"),
 ])
 def test_clashing_or_reserved_student_names_are_refused(folders, message):
-    with pytest.raises(StageError, match=message):
+    with pytest.raises(DistillError, match=message):
         student_names([Path(f) for f in folders])
 
 
@@ -58,7 +59,7 @@ def test_a_student_checkpoint_loads_in_eval_mode(tmp_path):
 
 def test_a_student_trained_for_another_shape_is_refused_naming_it(tmp_path):
     folder = _checkpoint(tmp_path / "s", **SHAPE)
-    with pytest.raises(StageError, match=r"num_classes 10 \(this config: 5\)"):
+    with pytest.raises(DistillError, match=r"num_classes 10 \(this config: 5\)"):
         load_student(folder, torch.device("cpu"), **{**SHAPE, "num_classes": 5})
 
 
@@ -66,7 +67,7 @@ def test_an_incomplete_checkpoint_is_a_clean_error(tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
     torch.save({"student": TINY.model_dump(mode="json")}, folder / CHECKPOINT)
-    with pytest.raises(StageError, match="not a readable student checkpoint"):
+    with pytest.raises(DistillError, match="not a readable student checkpoint"):
         load_student(folder, torch.device("cpu"), **SHAPE)
 
 

@@ -12,13 +12,13 @@ import torch
 from conftest import derive, make_config, make_idx, save_random_teacher
 
 import store
-from pipeline.augment import train_transform
-from pipeline.config import Config
-from pipeline.handover import Finisher, mix_views
-from pipeline.loading import ReplayDataset, make_loader, train_stream
-from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, epoch_plan
-from pipeline.replay import base_views
-from pipeline.shards import decode_sample, load_manifest, shard_samples
+from pipeline.core.config import Config
+from pipeline.data.shards import decode_sample, load_manifest, shard_samples
+from pipeline.views.augment import train_transform
+from pipeline.views.handover import Finisher, mix_views
+from pipeline.views.loading import UnitDataset, make_loader, train_stream
+from pipeline.views.plan import KIND_CUTMIX, KIND_MIXUP, epoch_plan
+from pipeline.views.replay import base_views
 from stages import ingest, verify
 
 AUG = {"mix_prob": 1.0, "mixup": 0.8, "cutmix": 1.0, "reprob": 1.0, "recount": 2, "window": 6,
@@ -50,8 +50,8 @@ def one_process_views(cfg: Config, epoch: int) -> dict[int, bytes]:
 
 def handed_over(cfg: Config, epoch: int, workers: int) -> dict[int, bytes]:
     m = load_manifest(cfg.data.shards)
-    ds = ReplayDataset(m, cfg.aug, cfg.seed, [(epoch, s) for s in range(len(m.shards("train")))])
-    loader = make_loader(ds, 5, workers)
+    ds = UnitDataset(m, cfg.aug, cfg.seed, [(epoch, s) for s in range(len(m.shards("train")))], batch_size=5)
+    loader = make_loader(ds, workers)
     out = {}
     for b in loader:
         assert b.view.dtype == torch.float32
@@ -85,8 +85,8 @@ def test_finishing_a_batch_on_the_cpu_twice_gives_the_same_bits(tmp_path):
     """The finisher keeps no state between batches (noise generators are re-seeded per box)."""
     cfg = shards(tmp_path, 3)
     m = load_manifest(cfg.data.shards)
-    raw = next(iter(torch.utils.data.DataLoader(ReplayDataset(m, cfg.aug, cfg.seed, [(0, 0)]), batch_size=12)))
-    assert raw.view.dtype == torch.uint8 and int((raw.erase[:, :, 2] > 0).sum()) > 0  # boxes were erased
+    raw = next(iter(UnitDataset(m, cfg.aug, cfg.seed, [(0, 0)], batch_size=12)))
+    assert raw.view.dtype == torch.uint8 and int((raw.raw.erase[:, :, 2] > 0).sum()) > 0  # boxes were erased
     finish = Finisher(cfg.aug)
     assert torch.equal(finish(raw), finish(raw))
 
@@ -96,8 +96,8 @@ def test_the_devices_batched_finishing_gives_the_cpus_per_sample_bits(tmp_path):
     (run here on the CPU, the only device a test has)."""
     cfg = shards(tmp_path, 3)
     m = load_manifest(cfg.data.shards)
-    raw = next(iter(torch.utils.data.DataLoader(ReplayDataset(m, cfg.aug, cfg.seed, [(0, 0)]), batch_size=12)))
-    assert {KIND_MIXUP, KIND_CUTMIX} <= set(raw.kind.tolist()) and int((raw.erase[:, :, 2] > 0).sum()) > 0
+    raw = next(iter(UnitDataset(m, cfg.aug, cfg.seed, [(0, 0)], batch_size=12)))
+    assert {KIND_MIXUP, KIND_CUTMIX} <= set(raw.kind.tolist()) and int((raw.raw.erase[:, :, 2] > 0).sum()) > 0
     finish = Finisher(cfg.aug)
     assert torch.equal(finish.batched(raw, torch.device("cpu")), finish(raw, "cpu"))
 
@@ -108,8 +108,8 @@ def test_a_store_written_from_one_process_views_is_accepted_and_agrees_exactly(t
     cfg = shards(tmp_path, 1, reprob=0.25, recount=1)
     ckpt = save_random_teacher(cfg, tmp_path / "teacher.pt", seed=0, num_classes=4)
     cfg = derive(cfg, teacher={"checkpoint": str(ckpt), "epochs": 1, "topk": 4})
-    from pipeline.models import load_teacher
-    from pipeline.run_store import store_provenance, store_spec
+    from pipeline.train.models import load_teacher
+    from pipeline.train.run_store import store_provenance, store_spec
 
     m = load_manifest(cfg.data.shards)
     model, sha = load_teacher(cfg.teacher, num_classes=4, in_chans=1)

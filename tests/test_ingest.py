@@ -15,7 +15,7 @@ import webdataset as wds
 from conftest import make_config, make_idx, make_imagefolder, write_idx
 from PIL import Image
 
-from pipeline.shards import (
+from pipeline.data.shards import (
     FORMAT,
     ShardError,
     decode_sample,
@@ -352,9 +352,9 @@ def test_allow_corrupt_skips_and_lists_bad_images(tmp_path, imagefolder_roots):
     m = load_manifest(ingest.run(cfg, progress=False))
     assert m.count("train") == 7 and m.count("val") == 5
     skipped = m.split("train").skipped
-    assert sorted(s["path"] for s in skipped) == ["cat/cat_001.jpg", "fish/fish_000.png"]
-    assert m.split("val").skipped[0]["path"] == "cat/cat_000.png"
-    assert all(s["reason"] for s in skipped)
+    assert sorted(s.path for s in skipped) == ["cat/cat_001.jpg", "fish/fish_000.png"]
+    assert m.split("val").skipped[0].path == "cat/cat_000.png"
+    assert all(s.reason for s in skipped)
     assert [int(s["idx"]) for s in all_samples(m, "train")] == list(range(7))
 
 
@@ -409,7 +409,7 @@ def test_refuses_to_replace_a_folder_that_is_not_shards(tmp_path, idx_root):
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading back (pipeline/shards.py)
+# Reading back (pipeline/data/shards.py)
 
 
 def test_shards_read_back_with_webdataset(tmp_path, idx_root):
@@ -471,7 +471,7 @@ def test_imagefolder_jpeg_only_and_png_only(tmp_path):
 
 
 def test_train_shards_subset_keeps_the_first_shards_and_changes_the_fingerprint(tiny_config):
-    from pipeline.shards import load_manifest, open_shards
+    from pipeline.data.shards import load_manifest, open_shards
 
     ingest.run(tiny_config, progress=False)
     full = load_manifest(tiny_config.data.shards)
@@ -482,7 +482,7 @@ def test_train_shards_subset_keeps_the_first_shards_and_changes_the_fingerprint(
 
 
 def test_train_shards_beyond_the_manifest_are_refused_naming_the_key(tiny_config):
-    from pipeline.shards import ShardError, load_manifest, open_shards
+    from pipeline.data.shards import ShardError, load_manifest, open_shards
 
     ingest.run(tiny_config, progress=False)
     have = len(load_manifest(tiny_config.data.shards).shards("train"))
@@ -496,7 +496,7 @@ def test_train_shards_beyond_the_manifest_are_refused_naming_the_key(tiny_config
 
 def test_sample_parser_reads_plain_ustar_and_falls_back_to_tarfile_for_pax(tmp_path):
     """The fast header parser and tarfile agree; a pax member (a name over 100 bytes) takes tarfile's path."""
-    from pipeline.shard_index import _parse
+    from pipeline.data.shard_index import _parse
 
     for fmt, key in ((tarfile.USTAR_FORMAT, "00000007"), (tarfile.PAX_FORMAT, "k" * 120)):
         buf = io.BytesIO()

@@ -22,38 +22,27 @@ from conftest import (
     at,
     derive,
     done_mask_at,
-    make_config,
-    make_idx,
     rewrite_unit,
     run_cli,
-    save_random_teacher,
     write_yaml,
 )
 
 import store
-from pipeline.config import Config
-from pipeline.shards import load_manifest
+from pipeline.core.config import Config
+from pipeline.data.shards import load_manifest
 from stages import ingest, student, teacher, verify
 
-N_TRAIN, N_VAL, CLASSES = 30, 12, 10
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Config:
-    tmp = tmp_path_factory.mktemp("integrity")
-    root = make_idx(tmp / "idx", N_TRAIN, N_VAL, classes=CLASSES)
-    cfg = make_config(tmp, {"source": "idx", "root": str(root)}, student={"epochs": 1, "depth": 1})
-    ingest.run(cfg, progress=False)
-    ckpt = save_random_teacher(cfg, tmp / "teacher.pt", seed=0, num_classes=CLASSES)
-    return derive(cfg, teacher={"checkpoint": str(ckpt)})
+def base(random_teacher_run) -> Config:
+    return derive(random_teacher_run, student={"epochs": 1, "depth": 1})
 
 
 @pytest.fixture(scope="module")
-def reference(base: Config) -> Path:
-    path = Path(base.data.shards).parent / "reference.zarr"
-    teacher.run(at(base, path), progress=False, device="cpu")
-    return path
+def reference(reference_store: Path) -> Path:
+    return reference_store
 
 
 @pytest.fixture
@@ -119,7 +108,9 @@ def test_a_deleted_object_is_refused_never_read_as_its_fill_value(damaged, array
     cfg, path = damaged
     packed(path, array, 0).unlink()  # the student's one epoch replays stored epoch 0
     student_fails(cfg, "(epoch 0, shard", f"train/{array}", "missing", distillation="hard")
-    report = verify.run(cfg, device="cpu")
+    with pytest.raises(verify.VerificationFailed) as failed:
+        verify.run(cfg, device="cpu")
+    report = failed.value.report
     assert len(report.damaged) == 3 and all("missing" in d for d in report.damaged)  # every unit of the epoch
 
 
@@ -178,13 +169,14 @@ def test_a_damaged_unit_record_is_refused_and_its_unit_recomputed(damaged, refer
 def test_a_storage_error_while_reading_is_no_damage_and_the_teacher_keeps_the_unit(damaged, reference, monkeypatch):
     """A timeout or a throttled read says nothing about the unit: the teacher must not drop it as damaged."""
     cfg, path = damaged
-    real = store.reader.sync
+    real = zarr.Array.__getitem__
 
-    def flaky(coro):
-        got = real(coro)
-        return [TimeoutError(errno.ETIMEDOUT, "read timed out"), *got[1:]]
+    def flaky(self, selection):  # the object store times out on the logits
+        if self.path.endswith("topk_logits"):
+            raise TimeoutError(errno.ETIMEDOUT, "read timed out")
+        return real(self, selection)
 
-    monkeypatch.setattr(store.reader, "sync", flaky)
+    monkeypatch.setattr(zarr.Array, "__getitem__", flaky)
     with pytest.raises(store.StoreError, match="cannot be read now") as err:
         store.read_train_unit(store.open_store(path), 0, 0)
     assert not isinstance(err.value, store.DamagedUnit)
@@ -334,7 +326,7 @@ def test_disk_full_while_the_teacher_writes_is_one_line_naming_the_store(base, t
 
 
 def test_disk_full_while_the_student_checkpoints_leaves_no_temp_file(damaged, monkeypatch):
-    import pipeline.files as files
+    import pipeline.core.files as files
 
     cfg, _ = damaged
     cfg = derive(cfg, student={"distillation": "none"})

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 from conftest import make_config, make_idx
 
-from pipeline.errors import DistillError
-from pipeline.label_issues import RankingError, label_issue_order
-from pipeline.shards import load_manifest, shard_samples
+from pipeline.audit.rankings import RankingError, label_issue_order
+from pipeline.core.errors import DistillError
+from pipeline.data.shards import load_manifest, shard_samples
 from stages import audit, ingest, teacher, teacher_fit
 
 CLASSES = 4
@@ -60,10 +60,10 @@ def test_planted_flips_are_seeded_recorded_and_change_the_fingerprint(tmp_path):
     assert noisy[0].fingerprint == noisy[1].fingerprint != clean.fingerprint
     assert clean.split("train").planted == []
     before, after = shard_labels(clean), shard_labels(noisy[0])
-    flipped = {p["index"]: p for p in planted}
+    flipped = {p.index: p for p in planted}
     for i, y in before.items():
         if i in flipped:
-            assert flipped[i]["true"] == y != flipped[i]["given"] == after[i]
+            assert flipped[i].true == y != flipped[i].given == after[i]
         else:
             assert after[i] == y
     reseeded = load_manifest(ingest.run(make_config(tmp_path / "seed1", {**data, "label_noise": 0.1}, seed=1),

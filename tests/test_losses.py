@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import (
+from pipeline.train.losses import (
     LossParts,
     TeacherTargets,
     dense_log_probs_from_topk,

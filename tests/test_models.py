@@ -10,10 +10,10 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
-from pipeline import models
-from pipeline.config import StudentConfig, TeacherConfig
-from pipeline.files import sha256_file as file_sha256
-from pipeline.models import (
+from pipeline.core.config import StudentConfig, TeacherConfig
+from pipeline.core.files import sha256_file as file_sha256
+from pipeline.train import models
+from pipeline.train.models import (
     CheckpointNotFoundError,
     ModelError,
     create_student,

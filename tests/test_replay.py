@@ -8,6 +8,7 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,12 +16,12 @@ import torch
 from conftest import make_idx
 from PIL import Image
 
-from pipeline.config import AugConfig, Config
-from pipeline.handover import TrainParts, mix_views
-from pipeline.loading import ReplayDataset, make_loader
-from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE, epoch_plan, soft_target
-from pipeline.replay import ReplayError, replay_indices, replay_unit
-from pipeline.shards import ShardError, load_manifest, shard_samples
+from pipeline.core.config import AugConfig, Config
+from pipeline.data.shards import ShardError, load_manifest, shard_samples
+from pipeline.views.handover import TrainParts, mix_views
+from pipeline.views.loading import UnitDataset, make_loader
+from pipeline.views.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE, epoch_plan, soft_target
+from pipeline.views.replay import ReplayError, replay_indices, replay_unit
 from stages import ingest
 
 AUG = {
@@ -44,8 +45,8 @@ def shards(tmp_path_factory) -> tuple[Config, Path]:
 def _collect(cfg: Config, shards: Path, epoch: int = 0, **kw) -> dict[int, tuple[bytes, bytes, int, int]]:
     m = load_manifest(shards)
     units = kw.pop("units", [(epoch, s) for s in range(len(m.ranges("train")))])
-    ds = ReplayDataset(m, cfg.aug, cfg.seed, units)
-    loader = make_loader(ds, kw.pop("batch_size", 5), kw.pop("num_workers", 0))
+    ds = UnitDataset(m, cfg.aug, cfg.seed, units, batch_size=kw.pop("batch_size", 5))
+    loader = make_loader(ds, kw.pop("num_workers", 0))
     out = {}
     for b in loader:
         for j in range(len(b.index)):
@@ -78,7 +79,7 @@ def test_views_identical_in_fresh_process(shards):
     here = hashlib.sha256(repr(sorted(_collect(cfg, path).items())).encode()).hexdigest()
     code = (
         "import hashlib, sys; sys.path.insert(0, 'tests'); from test_replay import _collect;"
-        "from pipeline.config import Config;"
+        "from pipeline.core.config import Config;"
         "import json; cfg = Config.model_validate(json.loads(sys.argv[1]));"
         "print(hashlib.sha256(repr(sorted(_collect(cfg, __import__('pathlib').Path(sys.argv[2])).items()))"
         ".encode()).hexdigest())"
@@ -146,8 +147,10 @@ def test_soft_target_sums_to_one_and_mixes_labels_with_smoothing():
 def test_stream_targets_match_plan_labels(shards):
     cfg, path = shards
     m = load_manifest(path)
-    ds = ReplayDataset(m, cfg.aug, cfg.seed, [(0, 0), (0, 1)])
-    samples = {s.index: s for s in ds}
+    ds = UnitDataset(m, cfg.aug, cfg.seed, [(0, 0), (0, 1)], batch_size=7)
+    samples = {int(b.index[j]): SimpleNamespace(label=int(b.label[j]), partner=int(b.partner[j]), kind=int(b.kind[j]),
+                                                lam=float(b.lam[j]), target=b.target[j])
+               for b in ds for j in range(len(b))}
     mixed = [s for s in samples.values() if s.kind in (KIND_MIXUP, KIND_CUTMIX)]
     assert mixed
     for s in samples.values():
@@ -199,7 +202,7 @@ def test_the_eval_view_is_resize_centre_crop_normalise(img_size, crop_pct, chann
     """timm's transforms_imagenet_eval gives exactly the view written out by hand (gray models: channel 0)."""
     from torchvision.transforms import functional as F
 
-    from pipeline.augment import eval_transform
+    from pipeline.views.augment import eval_transform
 
     stats = {"mean": (0.3,) * channels, "std": (0.4,) * channels}
     aug = AugConfig(img_size=img_size, crop_pct=crop_pct, channels=channels, **stats)

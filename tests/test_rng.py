@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import rng
-from pipeline.augment import train_transform
-from pipeline.config import AugConfig
-from pipeline.replay import base_view, base_views
+from pipeline.core.config import AugConfig
+from pipeline.views import rng
+from pipeline.views.augment import train_transform
+from pipeline.views.replay import base_view, base_views
 
 
 def _draws(stream: rng.Stream, n: int) -> list[float]:

@@ -22,8 +22,8 @@ import torch
 from conftest import assert_same_store, derive, make_config, make_idx, write_yaml
 
 import store
-from pipeline.config import ConfigError, load_config
-from pipeline.files import location, use_storage_options
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.files import location, use_storage_options
 from stages import audit, ingest, student, teacher, teacher_fit, verify
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,17 +32,17 @@ from click.testing import CliRunner
 from conftest import make_config, rewrite_unit, undo_unit, write_idx
 
 import store
-from pipeline.audit_tables import store_plans
-from pipeline.config import Config
-from pipeline.loading import ReplayDataset, make_loader
-from pipeline.models import create_teacher, save_teacher_checkpoint
-from pipeline.shards import load_manifest
+from pipeline.audit.tables import store_plans
+from pipeline.core.config import Config
+from pipeline.core.errors import DistillError
+from pipeline.data.shards import load_manifest
+from pipeline.train.models import create_teacher, save_teacher_checkpoint
+from pipeline.views.join import StoreJoin
+from pipeline.views.loading import UnitDataset, make_loader, train_stream
 from stages import ingest
 from stages import student as student_stage
 from stages import teacher as teacher_stage
 from stages.cli import main as cli_main
-from stages.common import StageError
-from stages.student_data import StoreJoin
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 16
@@ -143,9 +143,11 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     model = create_teacher(cfg.teacher, num_classes=CLASSES, in_chans=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    ds, loader = train_stream(m, cfg.aug, cfg.seed, batch_size=32, view_epoch=lambda t: 1000 + t, rank=0, world=1,
+                              shuffle=64, workers=0)
     for epoch in range(4):
-        ds = ReplayDataset(m, cfg.aug, cfg.seed, [(1000 + epoch, s) for s in shards], shuffle=64)
-        for b in make_loader(ds, 32, 0):
+        ds.set_epoch(epoch)
+        for b in loader:
             loss = torch.nn.functional.cross_entropy(model(b.view), b.label)
             opt.zero_grad()
             loss.backward()
@@ -156,7 +158,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
             mod.reset_running_stats()
             mod.momentum = None
     with torch.no_grad():
-        for b in make_loader(ReplayDataset(m, cfg.aug, cfg.seed, [(2000, s) for s in shards]), 40, 0):
+        for b in make_loader(UnitDataset(m, cfg.aug, cfg.seed, [(2000, s) for s in shards], batch_size=40), 0):
             model(b.view)
     model.eval()
     path = tmp / "teacher.pt"
@@ -243,7 +245,7 @@ def test_training_epoch_t_reads_stored_epoch_t_mod_e(mixed, tmp_path, monkeypatc
     real, read = StoreJoin.__call__, []
 
     def recording(self, plan):
-        read.append((plan.epoch, plan.shard))
+        read.append((plan.view_epoch, plan.shard))
         return real(self, plan)
 
     monkeypatch.setattr(StoreJoin, "__call__", recording)
@@ -318,7 +320,7 @@ def test_refuses_a_store_whose_mix_plan_differs(mixed, tmp_path, array):
     row[3] = (a + (int(row[3]) - a + 1) % (b - a)) if array == "partner" else float(row[3]) * 0.5 + 0.01
     plan[0 if array == "partner" else 2] = row
     rewrite_unit(path, 0, 1, plan=tuple(plan))  # a consistent unit written for another plan
-    with pytest.raises(StageError, match=r"mix plan") as err:
+    with pytest.raises(DistillError, match=r"mix plan") as err:
         student_stage.run(with_student(cfg, output=tmp_path / "out"), progress=False, device="cpu")
     assert "(epoch 0, shard 1)" in str(err.value)
 
@@ -392,11 +394,12 @@ def test_store_join_in_two_workers_gives_the_same_samples(mixed):
     units = [(0, s) for s in range(len(m.ranges("train")))]
     got = {}
     for workers in (0, 2):
-        ds = ReplayDataset(m, mixed.aug, mixed.seed, units, join=StoreJoin(mixed.store.path))
+        ds = UnitDataset(m, mixed.aug, mixed.seed, units, batch_size=4, join=StoreJoin(mixed.store.path))
         rows = {}
-        for b in make_loader(ds, 4, workers):
+        for b in make_loader(ds, workers):
             for j in range(len(b.index)):
-                rows[int(b.index[j])] = (int(b.t_hard[j]), b.t_logits[j].numpy().tobytes(), b.view[j].numpy().tobytes())
+                rows[int(b.index[j])] = (int(b.stored.hard[j]), b.stored.logits[j].numpy().tobytes(),
+                                         b.view[j].numpy().tobytes())
         got[workers] = rows
     assert got[0] == got[2] and len(got[0]) == m.count("train")
 
@@ -405,7 +408,7 @@ def test_checkpoint_from_another_configuration_is_refused_unless_restart(mixed, 
     out = tmp_path / "out"
     student_stage.run(with_student(mixed, distillation="hard", epochs=1, output=out), progress=False, device="cpu")
     other = with_student(mixed, distillation="hard", epochs=1, alpha=0.3, output=out)
-    with pytest.raises(StageError, match=r"another configuration \(student.alpha: checkpoint 0.5, now 0.3\)"):
+    with pytest.raises(DistillError, match=r"another configuration \(student.alpha: checkpoint 0.5, now 0.3\)"):
         student_stage.run(other, progress=False, device="cpu")
     student_stage.run(other, progress=False, device="cpu", restart=True)
     assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 1
@@ -415,7 +418,7 @@ def test_checkpoint_from_another_configuration_is_refused_unless_restart(mixed, 
 
 
 def test_reuse_warning_fires_above_the_measured_limit_and_not_at_or_below_it():
-    from pipeline.reuse import REUSE_LIMIT, reuse_warning
+    from pipeline.train.reuse import REUSE_LIMIT, reuse_warning
 
     e = 4
     at_limit, above = int(REUSE_LIMIT * e), int(REUSE_LIMIT * e) + 1
@@ -426,7 +429,7 @@ def test_reuse_warning_fires_above_the_measured_limit_and_not_at_or_below_it():
 
 
 def test_student_stage_warns_once_about_reuse_and_describe_prints_the_factor(mixed, tmp_path, capsys):
-    from pipeline.reuse import REUSE_LIMIT
+    from pipeline.train.reuse import REUSE_LIMIT
 
     e = mixed.teacher.epochs
     many = with_student(mixed, epochs=int(REUSE_LIMIT * e) + 1, distillation="hard", output=str(tmp_path / "many"))

@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from conftest import (  # CLASSES, N_TRAIN, N_VAL: the shared run's
+    CLASSES,
+    N_TRAIN,
+    N_VAL,
     assert_clean_failure,
     assert_same_store,
     at,
     derive,
     done_mask_at,
     free_port,
-    make_config,
     make_idx,
     rewrite_unit,
     run_cli,
@@ -36,14 +38,12 @@ from conftest import (
 )
 
 import store
-from pipeline.config import Config
-from pipeline.models import create_teacher, resolve_teacher, save_teacher_checkpoint
+from pipeline.core.config import Config
+from pipeline.core.errors import DistillError
+from pipeline.train.models import create_teacher, resolve_teacher, save_teacher_checkpoint
 from stages import ingest, teacher, teacher_fit, verify
-from stages.common import StageError
 
 ROOT = Path(__file__).resolve().parent.parent
-N_TRAIN, N_VAL, CLASSES = 30, 12, 10
-
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -55,22 +55,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.single_thr
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Config:
+def base(random_teacher_run) -> Config:
     """Ingested tiny dataset + a random teacher checkpoint; E=2, K=5, store path unset (per test)."""
-    tmp = tmp_path_factory.mktemp("teacher")
-    root = make_idx(tmp / "idx", N_TRAIN, N_VAL, classes=CLASSES)
-    cfg = make_config(tmp, {"source": "idx", "root": str(root)})
-    ingest.run(cfg, progress=False)
-    ckpt = save_random_teacher(cfg, tmp / "random_teacher.pt", seed=0, num_classes=CLASSES)
-    return derive(cfg, teacher={"checkpoint": str(ckpt)}, store={"path": str(tmp / "unused.zarr")})
+    return random_teacher_run
 
 
 @pytest.fixture(scope="module")
-def reference(base: Config) -> Path:
+def reference(reference_store: Path) -> Path:
     """A clean single-process store: workers 0, batch size 16. Never modified by tests."""
-    path = Path(base.data.shards).parent / "reference.zarr"
-    teacher.run(at(base, path), workers=0, batch_size=16, progress=False, device="cpu")
-    return path
+    return reference_store
 
 
 def test_reference_store_is_complete_and_finite(reference: Path):
@@ -231,7 +224,9 @@ def test_verify_fails_on_tampered_store(base: Config, reference: Path, tmp_path:
     for e, s in np.argwhere(done_mask_at(path)):  # other answers, written consistently (records and all)
         rewrite_unit(path, e, s, topk_classes=lambda c: np.roll(c, 1, axis=1))  # another class on top
     cfg = at(base, path)
-    assert verify.run(cfg, samples=16, device="cpu").agreement == 0.0
+    with pytest.raises(verify.VerificationFailed) as failed:
+        verify.run(cfg, samples=16, device="cpu")
+    assert failed.value.report.agreement == 0.0
     result = run_cli("verify", "-c", write_yaml(cfg, tmp_path / "cfg.yaml"), "--samples", "16", "--device", "cpu")
     assert_clean_failure(result, "agreement")
 
@@ -270,7 +265,7 @@ def test_teacher_stage_refuses_store_of_another_run(mismatches, reference: Path,
 
 
 def test_a_store_drawn_with_other_view_streams_is_refused(base: Config, reference: Path, monkeypatch):
-    monkeypatch.setattr("pipeline.run_store.STREAM_VERSION", 1)  # as a store written before the streams changed
+    monkeypatch.setattr("pipeline.train.run_store.STREAM_VERSION", 1)  # as a store written before the streams changed
     with pytest.raises(store.ProvenanceMismatch) as exc:
         teacher.run(at(base, reference), progress=False, device="cpu")
     assert exc.value.fields == ["view_stream"]
@@ -312,7 +307,7 @@ def test_missing_teacher_raises_stage_error_naming_path(base: Config, tmp_path: 
     missing = tmp_path / "nowhere" / "teacher.pt"
     cfg = at(derive(base, teacher={"checkpoint": None, "fit": {"output": str(missing)}}), tmp_path / "s.zarr")
     for stage in (teacher.run, verify.run):
-        with pytest.raises(StageError, match="distill teacher-fit") as exc:
+        with pytest.raises(DistillError, match="distill teacher-fit") as exc:
             stage(cfg, device="cpu")
         assert str(missing) in str(exc.value)
     assert not (tmp_path / "s.zarr").exists()
@@ -353,5 +348,5 @@ def test_a_teacher_giving_nan_logits_is_refused_naming_the_unit(base: Config, tm
     ckpt = tmp_path / "nan.pt"
     save_teacher_checkpoint(net, ckpt, {"model": base.teacher.model})
     cfg = at(derive(base, teacher={"checkpoint": str(ckpt)}), tmp_path / "nan.zarr")
-    with pytest.raises(StageError, match=r"teacher output for \w+ unit \(epoch \d+, shard \d+\): .*NaN"):
+    with pytest.raises(DistillError, match=r"teacher output for \w+ unit \(epoch \d+, shard \d+\): .*NaN"):
         teacher.run(cfg, progress=False, device="cpu")

@@ -1,6 +1,6 @@
 """Fallback for machines without Debian's ``dataset-fashion-mnist``: fetch the four IDX files.
 
-Usage: ``python -m pipeline.fetch_data DEST``. Stops with instructions when DEST is not writable or
+Usage: ``python -m pipeline.data.fetch DEST``. Stops with instructions when DEST is not writable or
 the download fails, so ``make demo`` never half-runs on missing data.
 """
 

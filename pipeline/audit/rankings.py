@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DistillError
-from pipeline.shards import sample_key
+from pipeline.core.errors import DistillError
+from pipeline.data.shards import Planted, sample_key
 
 __all__ = [
     "DEFAULT_RANKING",
@@ -89,7 +89,7 @@ def image_table(
     fit_samples: int | None = None,
     train_samples: int = 0,
     files: Sequence[str] | None = None,
-    planted: Sequence[dict[str, int]] = (),
+    planted: Sequence[Planted] = (),
 ) -> pd.DataFrame:
     """One row per ingested training image, from the clean-view frame (``store.val_frame(split="clean")``).
 
@@ -115,7 +115,7 @@ def image_table(
     out["view_agreement"] = views["view_agreement"] if views is not None else np.nan
     true = pd.array([pd.NA] * n, dtype="Int64")
     for p in planted:
-        true[int(p["index"])] = int(p["true"])
+        true[p.index] = p.true
     out["planted"] = ~pd.isna(true)
     out["true_label"] = true
     return out

@@ -4,7 +4,7 @@ Grayscale inputs are converted to RGB before the PIL stage, because timm's RandA
 3-channel mean; a 1-channel model input then takes channel 0 back after ``ToTensor`` (colour ops on
 a replicated gray image keep the channels equal).
 
-For replay, every random draw must go through :mod:`pipeline.rng`'s per-view streams: timm's own
+For replay, every random draw must go through :mod:`pipeline.views.rng`'s per-view streams: timm's own
 transforms already draw through names it scopes; torchvision's flip is swapped for
 :class:`HorizontalFlip`, and any other transform (torchvision's ``ColorJitter``) is wrapped in
 :class:`TorchSeeded`.
@@ -25,8 +25,8 @@ from timm.data.transforms_factory import transforms_imagenet_eval, transforms_im
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from pipeline import rng
-from pipeline.config import AugConfig
+from pipeline.core.config import AugConfig
+from pipeline.views import rng
 
 
 class _Channels:
@@ -43,7 +43,7 @@ class _Channels:
 
 
 class HorizontalFlip:
-    """Flip with probability ``p``, drawing like timm's transforms do (see :data:`pipeline.rng.draws`)
+    """Flip with probability ``p``, drawing like timm's transforms do (see :data:`pipeline.views.rng.draws`)
     rather than from torch's global generator as torchvision's flip does."""
 
     def __init__(self, p: float) -> None:
@@ -74,7 +74,7 @@ class TorchSeeded:
         return f"TorchSeeded({self.transform!r})"
 
 
-# Transforms that draw only through the names pipeline.rng scopes (timm's ``random``/``np``).
+# Transforms that draw only through the names pipeline.views.rng scopes (timm's ``random``/``np``).
 _SCOPED = (RandomResizedCropAndInterpolation, RandAugment, AutoAugment, AugMixAugment, MaybeToTensor,
            transforms.ToTensor, transforms.Normalize, RandomErasing)
 
@@ -98,7 +98,7 @@ def _tensor_tail(aug: AugConfig, erase: bool) -> list:
 
 def train_transform(aug: AugConfig) -> transforms.Compose:
     """RandomResizedCrop, flip, RandAugment or colour jitter (timm), normalise, random erasing: the whole view
-    in one process (the reference the uint8 hand-over of :mod:`pipeline.handover` is tested against)."""
+    in one process (the reference the uint8 hand-over of :mod:`pipeline.views.handover` is tested against)."""
     return transforms.Compose([*train_pil(aug).transforms, *_tensor_tail(aug, True)])
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 import store
-from pipeline.audit_tables import store_plans
-from pipeline.config import Location
-from pipeline.files import location
-from pipeline.label_issues import image_table
-from pipeline.shards import MANIFEST_NAME, Manifest, load_manifest, shard_name
+from pipeline.audit.rankings import image_table
+from pipeline.audit.tables import store_plans
+from pipeline.core.config import Location
+from pipeline.core.files import location
+from pipeline.data.shards import MANIFEST_NAME, Manifest, load_manifest, shard_name
 
 __all__ = ["AuditInputs", "load_audit"]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import DistillError
-from pipeline.files import is_url, location
+from pipeline.core.errors import DistillError
+from pipeline.core.files import is_url, location
 
 GZIP_MAGIC = b"\x1f\x8b"
 JPEG_MAGIC = b"\xff\xd8\xff"

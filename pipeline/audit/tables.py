@@ -1,5 +1,5 @@
 """The audit's tables: pure functions from the store's pandas frames (``store.train_frame``,
-``store.val_frame``) and the per-image table (:mod:`pipeline.label_issues`) to DataFrames, used by
+``store.val_frame``) and the per-image table (:mod:`pipeline.audit.rankings`) to DataFrames, used by
 ``distill audit`` and by ``notebooks/audit.ipynb``.
 
 The student's distillation head learns the teacher's hard decision, so every sample where teacher
@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 import store
-from pipeline.config import AugConfig
-from pipeline.label_issues import DEFAULT_RANKING, label_issue_order, planted_scores
-from pipeline.plan import epoch_plan
+from pipeline.audit.rankings import DEFAULT_RANKING, label_issue_order, planted_scores
+from pipeline.core.config import AugConfig
+from pipeline.views.plan import epoch_plan
 
 __all__ = [
     "store_plans",
@@ -264,7 +264,7 @@ def audit_frames(
     val_images: pd.DataFrame | None = None,
 ) -> AuditTables:
     """All audit tables from a train frame, an optional val frame and the per-image tables of the clean pass
-    and of val (see :mod:`pipeline.label_issues`). ``compare``: further rankings scored against planted flips
+    and of val (see :mod:`pipeline.audit.rankings`). ``compare``: further rankings scored against planted flips
     beside ``ranking``; ``probs`` gives the clean pass's dense probabilities when a ranking needs them."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"audit: threshold must be in [0, 1], got {threshold}")

@@ -14,7 +14,7 @@ benchmark section has the figures). So instead:
   ``randint``, ``choice``, ``gauss``; NumPy's ``choice``), and anything else is served by a Mersenne
   Twister seeded from the stream on first use;
 * random-erasing noise, which timm draws from torch's generator, comes from a ``torch.Generator``
-  seeded from the stream; the flip is the project's own (:class:`pipeline.augment.HorizontalFlip`,
+  seeded from the stream; the flip is the project's own (:class:`pipeline.views.augment.HorizontalFlip`,
   drawing from :data:`draws`), and other transforms that use torch's global generator
   (torchvision's ``ColorJitter``) run under :func:`torch_scope`, which seeds it and restores it.
 
@@ -121,7 +121,7 @@ def _stream_tail(key: int, start: int) -> Iterator[float]:
 
 
 def _no_stream() -> float:
-    raise RuntimeError("a random draw outside a view: call use(stream) first (pipeline.rng.views_scope)")
+    raise RuntimeError("a random draw outside a view: call use(stream) first (pipeline.views.rng.views_scope)")
 
 
 class SampleRandom:

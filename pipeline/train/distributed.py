@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import DistillError
+from pipeline.core.errors import DistillError
 
 
 @dataclass(frozen=True)

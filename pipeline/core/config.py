@@ -16,11 +16,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import DistillError
-from pipeline.files import check_scheme
+from pipeline.core.errors import DistillError
+from pipeline.core.files import check_scheme
 from store.layout import CODEC_LEVELS, CODECS
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -152,6 +152,8 @@ class TeacherFitConfig(Strict):
     """Base SGD learning rate for a batch of 256 (scaled linearly)."""
     weight_decay: NonNegFloat = 5e-4
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    shuffle: Annotated[int, Field(ge=0)] = 4096
+    """Seeded shuffle buffer (samples per DataLoader worker), as student.shuffle."""
     aug: dict[str, Any] = {}
     """Changes to the ``aug`` section for fitting only (e.g. ``{mix_prob: 0}``): a teacher is trained with
     its own recipe, as DeiT's pretrained RegNet was, and then labels the student's DeiT views."""

@@ -30,19 +30,20 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from pipeline.config import Config, canonical_hash
-from pipeline.errors import DistillError
-from pipeline.files import atomic_write_json, is_url, location, sha256_file, size
-from pipeline.shard_index import load_index, read_samples
+from pipeline.core.config import Config, canonical_hash
+from pipeline.core.errors import DistillError
+from pipeline.core.files import atomic_write_json, is_url, location, sha256_file, size
+from pipeline.data.shard_index import load_index, read_samples
+from store.objects import local_path
 
 FORMAT = 2
-"""1: shards only. 2: an offset index with per-sample CRC32C beside each shard (pipeline.shard_index)."""
+"""1: shards only. 2: an offset index with per-sample CRC32C beside each shard (pipeline.data.shard_index)."""
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 IMAGE_FIELDS = ("jpg", "png")
@@ -72,8 +73,11 @@ def data_config_hash(config: Config) -> str:
     return canonical_hash({"data": data, "seed": config.seed})
 
 
-@dataclass(frozen=True)
-class ShardInfo:
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ShardInfo(_Frozen):
     file: str
     start: int
     end: int
@@ -83,22 +87,39 @@ class ShardInfo:
     """File size in bytes."""
     sha256: str
     index: str
-    """The shard's offset index file (pipeline.shard_index), beside it."""
+    """The shard's offset index file (pipeline.data.shard_index), beside it."""
     index_sha256: str
 
 
-@dataclass(frozen=True)
-class SplitInfo:
+class Skipped(_Frozen):
+    path: str
+    reason: str
+
+
+class Planted(_Frozen):
+    """A label flipped on purpose (``data.label_noise``): the sample's index, its true label, the label given."""
+
+    index: int
+    true: int
+    given: int
+
+
+class SplitInfo(_Frozen):
     count: int
     shards: list[ShardInfo]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    planted: list[dict[str, int]] = field(default_factory=list)
-    """Labels flipped on purpose (``data.label_noise``): index, true label, the label given in the shards."""
+    skipped: list[Skipped] = []
+    planted: list[Planted] = []
+
+    @model_serializer(mode="wrap")
+    def _without_empty_planted(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if not self.planted:  # written only with data.label_noise: older manifests keep their fingerprints
+            out.pop("planted", None)
+        return out
 
 
-@dataclass(frozen=True)
-class Manifest:
-    root: str
+class Manifest(_Frozen):
+    root: str = Field(exclude=True)
     """The shards folder (an absolute local path, or a URL); not stored in the file."""
     format: int
     classes: list[str]
@@ -106,7 +127,22 @@ class Manifest:
     source: dict[str, Any]
     splits: dict[str, SplitInfo]
     image: dict[str, Any]
-    fingerprint: str
+    fingerprint: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.num_classes != len(self.classes):
+            raise ValueError(f"num_classes {self.num_classes} != {len(self.classes)} class names")
+        for name, sp in self.splits.items():
+            pos = 0
+            for s in sp.shards:
+                if s.start != pos or s.end - s.start != s.count or s.count < 1:
+                    raise ValueError(f"{name} shard {s.file} covers [{s.start}, {s.end}) with count {s.count}; "
+                                     f"expected a non-empty range starting at {pos}")
+                pos = s.end
+            if pos != sp.count:
+                raise ValueError(f"{name} shards cover {pos} samples but count is {sp.count}")
+        return self
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -148,10 +184,12 @@ class Manifest:
     def channels_hint(self) -> int:
         return int(self.image["channels_hint"])
 
+    def body(self) -> dict[str, Any]:
+        """What the fingerprint covers: the manifest less its root and its fingerprint."""
+        return self.model_dump(mode="json", exclude={"fingerprint"})
+
     def to_dict(self) -> dict[str, Any]:
-        body = _body(self)
-        body["fingerprint"] = self.fingerprint
-        return body
+        return self.model_dump(mode="json")
 
     def first_train_shards(self, n: int) -> Manifest:
         """The same dataset with only its first ``n`` train shards (a subset with its own fingerprint)."""
@@ -160,18 +198,10 @@ class Manifest:
             return self
         kept = train.shards[:n]
         n = sum(s.count for s in kept)
-        planted = [p for p in train.planted if p["index"] < n]
-        splits = {**self.splits, "train": SplitInfo(n, kept, train.skipped, planted)}
+        planted = [p for p in train.planted if p.index < n]
+        splits = {**self.splits, "train": SplitInfo(count=n, shards=kept, skipped=train.skipped, planted=planted)}
         fp = hashlib.sha256(f"{self.fingerprint}:train_shards={n}".encode()).hexdigest()
-        return replace(self, splits=splits, fingerprint=fp)
-
-
-def _body(m: Manifest) -> dict[str, Any]:
-    splits = {name: {"count": sp.count, "shards": [asdict(s) for s in sp.shards],
-                     "skipped": [dict(x) for x in sp.skipped], **({"planted": sp.planted} if sp.planted else {})}
-              for name, sp in m.splits.items()}
-    return {"format": m.format, "classes": list(m.classes), "num_classes": m.num_classes, "source": dict(m.source),
-            "splits": splits, "image": dict(m.image)}
+        return self.model_copy(update={"splits": splits, "fingerprint": fp})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,43 +210,11 @@ def _body(m: Manifest) -> dict[str, Any]:
 
 def _from_dict(root: str, d: dict[str, Any], where: str) -> Manifest:
     try:
-        splits = {}
-        for name, sp in d["splits"].items():
-            shards = [ShardInfo(str(s["file"]), int(s["start"]), int(s["end"]), int(s["count"]), int(s["size"]),
-                                str(s["sha256"]), str(s["index"]), str(s["index_sha256"])) for s in sp["shards"]]
-            skipped = [{"path": str(x["path"]), "reason": str(x["reason"])} for x in sp.get("skipped", [])]
-            planted = [{k: int(x[k]) for k in ("index", "true", "given")} for x in sp.get("planted", [])]
-            splits[name] = SplitInfo(int(sp["count"]), shards, skipped, planted)
-        m = Manifest(
-            root=root,
-            format=int(d["format"]),
-            classes=[str(c) for c in d["classes"]],
-            num_classes=int(d["num_classes"]),
-            source=dict(d["source"]),
-            splits=splits,
-            image=dict(d["image"]),
-            fingerprint=str(d.get("fingerprint", "")),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ShardError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
-    _check_consistent(m, where)
-    return m
-
-
-def _check_consistent(m: Manifest, where: Path) -> None:
-    if m.num_classes != len(m.classes):
-        raise ShardError(f"{where}: num_classes {m.num_classes} != {len(m.classes)} class names")
-    for name, sp in m.splits.items():
-        pos = 0
-        for s in sp.shards:
-            if s.start != pos or s.end - s.start != s.count or s.count < 1:
-                raise ShardError(
-                    f"{where}: {name} shard {s.file} covers [{s.start}, {s.end}) with count {s.count}; "
-                    f"expected a non-empty range starting at {pos}"
-                )
-            pos = s.end
-        if pos != sp.count:
-            raise ShardError(f"{where}: {name} shards cover {pos} samples but count is {sp.count}")
+        return Manifest.model_validate({**d, "root": root})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ShardError(f"{where}: malformed manifest ({loc}: {first['msg'].removeprefix('Value error, ')})") from None
 
 
 def open_shards(config: Config) -> Manifest:
@@ -238,7 +236,7 @@ def run_manifest(shards_dir: Path | str, n_train_shards: int) -> Manifest:
 
 
 def _root(shards_dir: Path | str) -> str:
-    return str(shards_dir) if is_url(shards_dir) else str(Path(str(shards_dir).removeprefix("file://")).absolute())
+    return str(shards_dir) if is_url(shards_dir) else str(Path(local_path(shards_dir)).absolute())
 
 
 def load_manifest(shards_dir: Path | str) -> Manifest:
@@ -257,7 +255,7 @@ def load_manifest(shards_dir: Path | str) -> Manifest:
         raise ShardError(f"{path}: manifest format {d.get('format')!r}, this code reads format {FORMAT}; "
                          "re-run `distill ingest` to rewrite the shards")
     m = _from_dict(root, d, str(path))
-    expected = canonical_hash(_body(m))
+    expected = canonical_hash(m.body())
     if m.fingerprint != expected:
         raise ShardError(
             f"{path}: manifest fingerprint {m.fingerprint!r} does not match its content ({expected}); "
@@ -275,7 +273,7 @@ def write_manifest(shards_dir: Path | str, body: dict[str, Any]) -> Manifest:
     body = {"format": FORMAT, **body}
     body.pop("fingerprint", None)
     m = _from_dict(root, body, str(location(root) / MANIFEST_NAME))
-    m = Manifest(**{**m.__dict__, "fingerprint": canonical_hash(_body(m))})
+    m = m.model_copy(update={"fingerprint": canonical_hash(m.body())})
     atomic_write_json(m.file(MANIFEST_NAME), m.to_dict(), ensure_ascii=False)
     return m
 
@@ -372,7 +370,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[int, int, Image.Image]:
 def shard_samples(manifest: Manifest, split: str, shard: int, first: int = 0,
                   count: int | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples ``first ..`` (positions in the shard) of one shard, each checked against its index
-    (see :mod:`pipeline.shard_index`); the whole shard by default."""
+    (see :mod:`pipeline.data.shard_index`); the whole shard by default."""
     info = manifest.shards(split)[shard]
     index = load_index(manifest.file(info.index), info.index_sha256, info.count)
     return read_samples(manifest.file(info.file), index, first, count, first_index=info.start)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.rng import TAG_SHUFFLE, derive_seed
+from pipeline.views.rng import TAG_SHUFFLE, derive_seed
 
 
 @dataclass(frozen=True)

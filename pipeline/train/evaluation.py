@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from timm.utils import accuracy
 
-from pipeline.models import student_heads
+from pipeline.train.models import student_heads
 
 
 def topk_accuracy(logits: torch.Tensor, label: torch.Tensor, k: int) -> float:

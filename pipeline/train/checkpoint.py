@@ -10,6 +10,7 @@ cannot run code through pickle.
 from __future__ import annotations
 
 import random
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import StudentConfig
-from pipeline.errors import DistillError
-from pipeline.files import atomic_torch_save, location, torch_load
-from pipeline.models import create_student
+from pipeline.core.config import StudentConfig
+from pipeline.core.errors import DistillError
+from pipeline.core.files import atomic_torch_save, location, torch_load
+from pipeline.train.models import create_student
 
 CHECKPOINT = "checkpoint.pt"
 """The file name of a student checkpoint inside its output folder."""
@@ -57,15 +58,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_checkpoint(folder: str | Path, payload: dict[str, Any]) -> str:
-    """Write ``payload`` as the folder's checkpoint (atomically); returns its path."""
+@dataclass
+class StudentCheckpoint:
+    """What a student checkpoint holds: written by the student stage after every epoch, read back to resume it
+    and by evaluate to rebuild the trained model. Tensors and plain values only (``weights_only``-safe)."""
+
+    run_hash: str
+    """sha256 of ``run_identity``: a checkpoint resumes only the run it came from."""
+    run_identity: dict[str, Any]
+    epoch: int
+    """The last training epoch completed (0-based): a resumed run starts at ``epoch + 1``."""
+    step: int
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    ema: dict[str, Any] | None
+    rng: Any
+    """Every rank's RNG state (:func:`rng_state`; a list on several ranks)."""
+    history: list[dict[str, Any]]
+    world: int
+    batch_size: int
+    global_batch: int
+    student: dict[str, Any]
+    """The student section it was trained with (its architecture)."""
+    num_classes: int
+    img_size: int
+    in_chans: int
+
+
+def save_checkpoint(folder: str | Path, ckpt: StudentCheckpoint) -> str:
+    """Write ``ckpt`` as the folder's checkpoint (atomically); returns its path."""
     path = checkpoint_path(folder)
-    atomic_torch_save(payload, path)
+    atomic_torch_save(asdict(ckpt), path)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with the safe loader; CheckpointError names the file otherwise."""
+def load_checkpoint(path: str | Path) -> StudentCheckpoint:
+    """Read a checkpoint on the CPU with the safe loader; CheckpointError names the file and what is wrong."""
     if not location(path).is_file():
         raise CheckpointError(f"no student checkpoint at {path}; run `distill student` for it first")
     try:
@@ -74,7 +102,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable student checkpoint ({e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a readable student checkpoint (a {type(obj).__name__}, not a dict)")
-    return obj
+    missing = [f.name for f in fields(StudentCheckpoint) if f.name not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: not a readable student checkpoint (no {', '.join(missing[:5])})")
+    return StudentCheckpoint(**{f.name: obj[f.name] for f in fields(StudentCheckpoint)})
 
 
 def load_student(
@@ -85,12 +116,11 @@ def load_student(
     path = checkpoint_path(folder)
     ckpt = load_checkpoint(path)
     try:
-        sc = StudentConfig.model_validate(ckpt["student"])
-        trained = {"num_classes": ckpt["num_classes"], "img_size": ckpt["img_size"], "in_chans": ckpt["in_chans"]}
-        epochs = ckpt["epoch"] + 1
-        state = ckpt["model"]
+        sc = StudentConfig.model_validate(ckpt.student)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable student checkpoint ({type(e).__name__}: {e})") from e
+    trained = {"num_classes": ckpt.num_classes, "img_size": ckpt.img_size, "in_chans": ckpt.in_chans}
+    epochs, state = ckpt.epoch + 1, ckpt.model
     here = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     diffs = [f"{k} {trained[k]} (this config: {here[k]})" for k in here if trained[k] != here[k]]
     if diffs:

@@ -4,10 +4,10 @@ erase, mix), on the CPU or on the device.
 
 A 224 px view crosses the worker queue as 150 KB of uint8 instead of 602 KB of float32, and a worker's
 shuffle buffer holds uint8 base views (a sample and its Mixup/CutMix partner share theirs). Finishing
-does the same float operations in the same order as the one-process view (:func:`pipeline.augment.
+does the same float operations in the same order as the one-process view (:func:`pipeline.views.augment.
 train_transform`, then :func:`mix_views`), so on the CPU a view is bit-identical to it;
 erasing noise still comes from the view's own stream: the worker records each erased box and its noise
-seed (:class:`pipeline.rng.NoiseSeed`), and the trainer draws that noise on a CPU generator.
+seed (:class:`pipeline.views.rng.NoiseSeed`), and the trainer draws that noise on a CPU generator.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from PIL import Image
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
-from pipeline.augment import train_erasing, train_pil
-from pipeline.config import AugConfig
-from pipeline.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE
-from pipeline.rng import NoiseSeed, erasing_noise
+from pipeline.core.config import AugConfig
+from pipeline.views.augment import train_erasing, train_pil
+from pipeline.views.plan import KIND_CUTMIX, KIND_MIXUP, KIND_NONE
+from pipeline.views.rng import NoiseSeed, erasing_noise
+from pipeline.views.samples import Batch
 
 __all__ = ["ERASE_FIELDS", "Finisher", "RawView", "TrainParts", "ViewLoader", "mix_views", "raw_view"]
 
@@ -108,39 +109,40 @@ class Finisher:
             return torch.zeros((c, 1, 1))
         return erasing_noise(seed, (c, h, w) if self.per_pixel else (c, 1, 1))
 
-    def __call__(self, batch: Any, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The float views of a collated batch of replayed samples (``view`` uint8, with ``erase``,
-        ``partner_view``, ``partner_erase``, ``kind``, ``lam`` and ``box``)."""
+    def __call__(self, batch: Batch, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The float views of a batch of raw training views."""
         device = torch.device(device)
         return self._on_cpu(batch) if device.type == "cpu" else self.batched(batch, device)
 
-    def batched(self, batch: Any, device: torch.device) -> torch.Tensor:
+    def batched(self, batch: Batch, device: torch.device) -> torch.Tensor:
         """The device's way: whole-batch operations (the same per element as :meth:`_on_cpu`)."""
-        own = self.base(batch.view, batch.erase, device)
+        raw = batch.raw
+        own = self.base(batch.view, raw.erase, device)
         kind = batch.kind.tolist()
         mixed = [i for i, k in enumerate(kind) if k != KIND_NONE]
         if not mixed:
             return own
-        partner = self.base(batch.partner_view[mixed], batch.partner_erase[mixed], device)
-        lam, box = batch.lam.tolist(), batch.box.numpy()
+        partner = self.base(raw.partner_view[mixed], raw.partner_erase[mixed], device)
+        lam, box = batch.lam.tolist(), raw.box.numpy()
         for j, i in enumerate(mixed):
             own[i] = mix_views(own[i], partner[j], kind[i], float(lam[i]), box[i])
         return own
 
-    def _on_cpu(self, batch: Any) -> torch.Tensor:
+    def _on_cpu(self, batch: Batch) -> torch.Tensor:
         """The same operations, one sample at a time in place, so that a view and its partner stay in the
         cache (a whole 224 px batch of float32 does not: converting it batch by batch cost 3x as much)."""
         out = torch.empty(batch.view.shape, dtype=torch.float32)
         scratch = torch.empty(batch.view.shape[1:], dtype=torch.float32)
-        kinds, lams, boxes = batch.kind.tolist(), batch.lam.tolist(), batch.box.tolist()
+        raw = batch.raw
+        kinds, lams, boxes = batch.kind.tolist(), batch.lam.tolist(), raw.box.tolist()
         for i, kind in enumerate(kinds):
-            view = self._base_into(out[i], batch.view[i], batch.erase[i])
+            view = self._base_into(out[i], batch.view[i], raw.erase[i])
             if kind == KIND_MIXUP:
-                partner = self._base_into(scratch, batch.partner_view[i], batch.partner_erase[i])
+                partner = self._base_into(scratch, raw.partner_view[i], raw.partner_erase[i])
                 view.mul_(lams[i]).add_(partner.mul_(1.0 - lams[i]))  # view * lam + partner * (1 - lam)
             elif kind == KIND_CUTMIX:
                 y0, y1, x0, x1 = (int(v) for v in boxes[i])
-                partner = self._base_into(scratch, batch.partner_view[i], batch.partner_erase[i])
+                partner = self._base_into(scratch, raw.partner_view[i], raw.partner_erase[i])
                 view[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]
         return out
 
@@ -168,8 +170,8 @@ def mix_views(
 
 
 class ViewLoader:
-    """A DataLoader whose batches arrive with finished float views (in this process, on ``device``); batches of
-    evaluation views (already float) pass through. ``bytes_per_sample`` of the last batch: what crossed the
+    """A DataLoader whose :class:`Batch` es arrive with finished float views (in this process, on ``device``);
+    batches of evaluation views (already float) pass through. ``bytes_per_sample`` of the last batch: what crossed the
     worker queue for one sample's view."""
 
     def __init__(self, loader: Any, aug: AugConfig, device: torch.device | str = "cpu") -> None:
@@ -179,13 +181,13 @@ class ViewLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            if batch.view.dtype != torch.uint8:
+            if batch.raw is None:
                 self.bytes_per_sample = batch.view[0].nbytes
                 yield batch
                 continue
-            n = len(batch.view)
-            self.bytes_per_sample = (batch.view.nbytes + batch.partner_view.nbytes + batch.erase.nbytes
-                                     + batch.partner_erase.nbytes + batch.box.nbytes) // max(n, 1)
-            yield batch._replace(view=self.finish(batch, self.device), partner_view=batch.partner_view[:0])
+            raw = batch.raw
+            self.bytes_per_sample = (batch.view.nbytes + raw.partner_view.nbytes + raw.erase.nbytes
+                                     + raw.partner_erase.nbytes + raw.box.nbytes) // max(len(batch), 1)
+            yield batch.finished(self.finish(batch, self.device))

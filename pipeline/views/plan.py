@@ -1,9 +1,9 @@
-"""The epoch plan: which partner, mix kind, λ and CutMix box each sample gets in a stored epoch.
+"""The epoch plan: which partner, mix kind, λ and CutMix box each sample gets in a view epoch.
 
 Partners are paired inside bounded windows of a shard's own sample order (a random cycle over each
 window, so nobody is its own partner when the window holds two or more samples), which lets a
 streaming reader build every mixed view with one window of buffer and no random access. The plan is
-a pure function of (seed, epoch, shard, shard range, config): it is stored beside the teacher's
+a pure function of (seed, view epoch, shard, shard range, config): it is stored beside the teacher's
 targets and re-derived by the student, and the two must agree.
 """
 
@@ -13,22 +13,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import AugConfig
-from pipeline.errors import DistillError
-from pipeline.rng import TAG_PLAN, derive_seed
+from pipeline.core.config import AugConfig
+from pipeline.core.errors import DistillError
+from pipeline.views.rng import TAG_PLAN, derive_seed
 from store.layout import KIND_CUTMIX, KIND_MIXUP, KIND_NAMES, KIND_NONE
 from store.records import plan_digest
 
-__all__ = ["EVAL_EPOCH", "KIND_CUTMIX", "KIND_MIXUP", "KIND_NAMES", "KIND_NONE", "EpochPlan", "PlanMismatch",
+__all__ = ["KIND_CUTMIX", "KIND_MIXUP", "KIND_NAMES", "KIND_NONE", "EpochPlan", "PlanMismatch",
            "check_plan", "epoch_plan", "soft_target", "stored_epoch"]
 
 
-EVAL_EPOCH = -1
-"""The epoch of an evaluation view: no augmentation, so no epoch (``ReplaySample.epoch`` of val views)."""
-
-
 def stored_epoch(train_epoch: int, stored_epochs: int) -> int:
-    """The stored epoch (0 .. E-1) that training epoch ``train_epoch`` replays: ``t mod E``."""
+    """The stored epoch (0 .. E-1) whose views student epoch ``train_epoch`` replays: ``t mod E``."""
     return train_epoch % stored_epochs
 
 
@@ -38,9 +34,9 @@ class PlanMismatch(DistillError):
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """Plan arrays for one (stored epoch, shard) unit; row i is global index ``start + i``."""
+    """Plan arrays for one (view epoch, shard) unit; row i is global index ``start + i``."""
 
-    epoch: int  # the stored epoch (or a teacher-fit epoch, which is never stored)
+    view_epoch: int  # a stored epoch (0 .. E-1), or a teacher-fit view epoch, which is never stored
     shard: int
     start: int
     partner: np.ndarray  # int64 global index of the partner (itself when unmixed)
@@ -77,10 +73,10 @@ def _boxes(rng: np.random.Generator, lam: np.ndarray, img_size: int) -> tuple[np
     return np.stack([y0, y1, x0, x1], axis=1).astype(np.int32), corrected
 
 
-def epoch_plan(aug: AugConfig, seed: int, epoch: int, shard: int, start: int, end: int) -> EpochPlan:
+def epoch_plan(aug: AugConfig, seed: int, view_epoch: int, shard: int, start: int, end: int) -> EpochPlan:
     """Derive the plan of one unit. Every draw happens for every sample, so the plan is stable."""
     n = end - start
-    rng = np.random.default_rng(derive_seed(TAG_PLAN, seed, epoch, shard))
+    rng = np.random.default_rng(derive_seed(TAG_PLAN, seed, view_epoch, shard))
     local = _pairing(rng, n, aug.window)
     mixed = rng.random(n) < aug.mix_prob
     use_cutmix = rng.random(n) < aug.switch_prob
@@ -99,7 +95,7 @@ def epoch_plan(aug: AugConfig, seed: int, epoch: int, shard: int, start: int, en
     lam = np.where(kind == KIND_CUTMIX, lam_box, np.where(kind == KIND_MIXUP, lam_mixup, 1.0))
     box = np.where((kind == KIND_CUTMIX)[:, None], box, 0).astype(np.int32)
     partner = np.where(mixed, local, np.arange(n)) + start
-    return EpochPlan(epoch, shard, start, partner.astype(np.int64), kind, lam.astype(np.float32), box)
+    return EpochPlan(view_epoch, shard, start, partner.astype(np.int64), kind, lam.astype(np.float32), box)
 
 
 def soft_target(
@@ -122,7 +118,7 @@ def check_plan(where: str, stored: str | None, plan: EpochPlan) -> None:
         return
     mixed = int((plan.kind != KIND_NONE).sum())
     raise PlanMismatch(
-        f"logit store {where}: unit (epoch {plan.epoch}, shard {plan.shard}) was written with another mix plan "
+        f"logit store {where}: unit (epoch {plan.view_epoch}, shard {plan.shard}) was written with another mix plan "
         f"than the one replayed now ({mixed} of {len(plan)} samples mixed in the replayed plan; the stored plan's "
         "digest differs). Refusing to train on misaligned targets: re-run `distill teacher` for this config."
     )

@@ -1,67 +1,46 @@
 """The one stream function both stages use: shard samples in, replayed training views out.
 
-A view is a pure function of (image bytes, run seed, epoch, global index, augmentation config). The
+A view is a pure function of (image bytes, run seed, view epoch, global index, augmentation config). The
 batch size, worker count, rank count, shard read order and process never enter it: per-sample draws
-come from the stream ``view_keys(seed, epoch, index)`` and the mixing comes from the stored-epoch
-plan of the sample's shard. Mixed views need the partner's base view, which lives in the same
+come from the stream ``view_keys(seed, view_epoch, index)`` and the mixing comes from the plan of the
+sample's (view epoch, shard) unit. Mixed views need the partner's base view, which lives in the same
 window of the same shard, so a reader holds at most one window of base views.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import AugConfig
-from pipeline.errors import DistillError
-from pipeline.handover import Finisher, RawView, TrainParts, raw_view
-from pipeline.plan import EVAL_EPOCH, KIND_NONE, EpochPlan, soft_target
-from pipeline.rng import streams, view_keys, views_scope
-from pipeline.shards import decode_sample, sample_index
+from pipeline.core.config import AugConfig
+from pipeline.core.errors import DistillError
+from pipeline.data.shards import decode_sample, sample_index
+from pipeline.views.handover import Finisher, RawView, TrainParts, raw_view
+from pipeline.views.plan import EpochPlan, soft_target
+from pipeline.views.rng import streams, view_keys, views_scope
+from pipeline.views.samples import Raw, Sample, collate
 
 
 class ReplayError(DistillError, RuntimeError):
     """The shards do not hold what the manifest and the plan promise."""
 
 
-class ReplaySample(NamedTuple):
-    """One training (or evaluation) view with everything needed to join and check its targets.
-
-    A training view is handed over raw (:mod:`pipeline.handover`): ``view`` is its uint8 base image,
-    ``partner_view`` its partner's, ``erase``/``partner_erase`` their erased boxes and ``box`` the CutMix
-    region; a :class:`pipeline.handover.ViewLoader` finishes it to float in the trainer. An evaluation
-    view is float already (the raw fields are empty)."""
-
-    epoch: int  # the stored epoch replayed (EVAL_EPOCH for evaluation views)
-    index: int
-    view: torch.Tensor
-    target: torch.Tensor  # mixed, smoothed soft label (one-hot-like for evaluation views)
-    label: int
-    partner: int
-    kind: int
-    lam: float
-    partner_view: torch.Tensor = torch.empty(0, dtype=torch.uint8)
-    erase: torch.Tensor = torch.zeros((0, 5), dtype=torch.int64)
-    partner_erase: torch.Tensor = torch.zeros((0, 5), dtype=torch.int64)
-    box: torch.Tensor = torch.zeros(4, dtype=torch.int64)
-
-
-def base_view(transform: Callable, img: Image.Image, seed: int, epoch: int, index: int) -> torch.Tensor:
-    """The un-mixed augmented view of one sample in one epoch."""
-    return base_views(transform, [img], seed, epoch, [index])[0]
+def base_view(transform: Callable, img: Image.Image, seed: int, view_epoch: int, index: int) -> torch.Tensor:
+    """The un-mixed augmented view of one sample in one view epoch."""
+    return base_views(transform, [img], seed, view_epoch, [index])[0]
 
 
 def base_views(
-    transform: Callable, images: Iterable[Image.Image], seed: int, epoch: int, indices: Sequence[int] | np.ndarray
+    transform: Callable, images: Iterable[Image.Image], seed: int, view_epoch: int,
+    indices: Sequence[int] | np.ndarray
 ) -> list[torch.Tensor]:
     """The un-mixed views of ``indices``: equal to :func:`base_view` of each, with their random streams set up
     in one vectorised pass. ``images`` may be lazy (each is dropped once its view is made)."""
     out = []
-    draws = streams(view_keys(seed, epoch, np.asarray(indices, dtype=np.int64)))
+    draws = streams(view_keys(seed, view_epoch, np.asarray(indices, dtype=np.int64)))
     with views_scope() as use:
         for img, draw in zip(images, draws, strict=True):
             use(draw)
@@ -70,11 +49,12 @@ def base_views(
 
 
 def raw_views(
-    parts: TrainParts, images: Iterable[Image.Image], seed: int, epoch: int, indices: Sequence[int] | np.ndarray
+    parts: TrainParts, images: Iterable[Image.Image], seed: int, view_epoch: int,
+    indices: Sequence[int] | np.ndarray
 ) -> list[RawView]:
     """The raw (uint8, to be finished) base views of ``indices``: :func:`base_views`' draws, handed over."""
     out = []
-    draws = streams(view_keys(seed, epoch, np.asarray(indices, dtype=np.int64)))
+    draws = streams(view_keys(seed, view_epoch, np.asarray(indices, dtype=np.int64)))
     with views_scope(record_erasing=True) as use:
         for img, draw in zip(images, draws, strict=True):
             use(draw)
@@ -101,7 +81,7 @@ def replay_piece(
     seed: int,
     num_classes: int,
     source: str = "shard",
-) -> Iterator[ReplaySample]:
+) -> Iterator[Sample]:
     """Replay positions ``lo .. hi - 1`` of the mixing window that starts at global index ``first``, as raw
     views (a sample and its partner share their uint8 base views in memory).
 
@@ -111,15 +91,23 @@ def replay_piece(
     needed = piece_needs(plan, first, lo, hi)
     labels: dict[int, int] = {}
     images = _decoded(samples, first, needed, labels, source)
-    views = dict(zip(needed.tolist(), raw_views(parts, images, seed, plan.epoch, first + needed), strict=True))
+    views = dict(zip(needed.tolist(), raw_views(parts, images, seed, plan.view_epoch, first + needed), strict=True))
     for j in range(lo, hi):
-        i = first - plan.start + j
-        p = int(plan.partner[i]) - first
-        kind, lam = int(plan.kind[i]), float(plan.lam[i])
-        target = soft_target(labels[j], labels[p], lam, num_classes, aug.smoothing)
-        yield ReplaySample(plan.epoch, first + j, views[j].image, torch.from_numpy(target), labels[j], first + p,
-                           kind, lam, views[p].image, views[j].erase, views[p].erase,
-                           torch.from_numpy(plan.box[i].astype(np.int64)))
+        r = first - plan.start + j
+        p = int(plan.partner[r]) - first
+        target = soft_target(labels[j], labels[p], float(plan.lam[r]), num_classes, aug.smoothing)
+        yield training_sample(plan, r, labels[j], torch.from_numpy(target), views[j], views[p])
+
+
+def training_sample(plan: EpochPlan, row: int, label: int, target: torch.Tensor, own: RawView,
+                    partner: RawView) -> Sample:
+    """The raw training sample of row ``row`` of a unit's plan, from its and its partner's raw views."""
+    return Sample(
+        index=plan.start + row, label=label, target=target, view=own.image, view_epoch=plan.view_epoch,
+        partner=int(plan.partner[row]), kind=int(plan.kind[row]), lam=float(plan.lam[row]),
+        raw=Raw(erase=own.erase, partner_view=partner.image, partner_erase=partner.erase,
+                box=torch.from_numpy(plan.box[row].astype(np.int64))),
+    )
 
 
 def replay_unit(
@@ -132,8 +120,8 @@ def replay_unit(
     seed: int,
     num_classes: int,
     source: str = "shard",
-) -> Iterator[ReplaySample]:
-    """Replay one (epoch, shard) unit from its samples in shard order, one whole window at a time."""
+) -> Iterator[Sample]:
+    """Replay one (view epoch, shard) unit from its samples in shard order, one whole window at a time."""
     it = iter(samples)
     for first in range(plan.start, end, aug.window):
         count = min(aug.window, end - first)
@@ -168,7 +156,7 @@ def _decoded(
 
 def eval_unit(
     samples: Iterable[dict], transform: Callable, num_classes: int, start: int, end: int, source: str = "-"
-) -> Iterator[ReplaySample]:
+) -> Iterator[Sample]:
     """Deterministic evaluation views (no augmentation) with one-hot targets."""
     expected = start
     for raw in samples:
@@ -177,7 +165,7 @@ def eval_unit(
             raise ReplayError(f"{source}: expected sample index {expected}, found {index}")
         target = torch.zeros(num_classes)
         target[label] = 1.0
-        yield ReplaySample(EVAL_EPOCH, index, transform(img), target, label, index, KIND_NONE, 1.0)
+        yield Sample(index=index, label=label, target=target, view=transform(img))
         expected += 1
     if expected != end:
         raise ReplayError(f"{source}: shard ended at index {expected}, the manifest says {end}")
@@ -197,25 +185,19 @@ def replay_indices(
     wanted = {int(i) for i in indices}
     outside = [i for i in wanted if not 0 <= i - start < len(plan)]
     if outside:
-        raise ReplayError(f"indices {sorted(outside)[:5]} are not in unit (epoch {plan.epoch}, shard {plan.shard})")
+        raise ReplayError(f"indices {sorted(outside)[:5]} are not in unit (view epoch {plan.view_epoch}, "
+                          f"shard {plan.shard})")
     needed = wanted | {int(plan.partner[i - start]) for i in wanted}
-    parts, base = TrainParts.of(aug), {}
+    parts, base, labels = TrainParts.of(aug), {}, {}
     for raw in samples:
         if sample_index(raw) not in needed:  # skip decoding the images not needed
             continue
-        index, _, img = decode_sample(raw)
-        base[index] = raw_views(parts, [img], seed, plan.epoch, [index])[0]
+        index, labels[index], img = decode_sample(raw)
+        base[index] = raw_views(parts, [img], seed, plan.view_epoch, [index])[0]
     missing = needed - set(base)
     if missing:
-        raise ReplayError(f"samples {sorted(missing)[:5]} are not in the shard of epoch {plan.epoch}")
-    finish = Finisher(aug)
-    out = {}
-    for i in wanted:
-        r = i - start
-        p = base[int(plan.partner[r])]
-        one = ReplaySample(plan.epoch, i, base[i].image[None], torch.zeros(0), 0, int(plan.partner[r]),
-                           torch.tensor([int(plan.kind[r])]), torch.tensor([float(plan.lam[r])], dtype=torch.float64),
-                           p.image[None], base[i].erase[None], p.erase[None],
-                           torch.from_numpy(plan.box[r : r + 1].astype(np.int64)))
-        out[i] = finish(one)[0]
-    return out
+        raise ReplayError(f"samples {sorted(missing)[:5]} are not in the shard of view epoch {plan.view_epoch}")
+    order = sorted(wanted)
+    batch = collate([training_sample(plan, i - start, labels[i], torch.zeros(0), base[i],
+                                     base[int(plan.partner[i - start])]) for i in order])
+    return dict(zip(order, Finisher(aug)(batch), strict=True))

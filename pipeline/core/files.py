@@ -6,9 +6,9 @@ filesystem), so an ``s3://`` path is never taken for a local folder named ``s3:`
 ``storage_options`` section through fsspec's own per-protocol defaults (:func:`use_storage_options`),
 or from the filesystem's usual environment variables (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ...).
 
-Every output a later stage trusts (checkpoints, reports, the manifest) is written atomically: locally
-to a temporary sibling, flushed and renamed into place (the temporary file of a failed write is
-removed); on an object store in one PUT, which readers see whole or not at all.
+Every output a later stage trusts (checkpoints, reports, the manifest) is written atomically through the
+project's one I/O layer (:mod:`store.objects`): locally to a temporary sibling, flushed and renamed into
+place; on an object store in one PUT, which readers see whole or not at all.
 """
 
 from __future__ import annotations
@@ -20,27 +20,25 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import torch
 from upath import UPath
 
+from store.objects import filesystem, is_url, local_path, read_bytes, read_range, write_bytes
+
+__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_scheme",
+           "is_url", "local_copy", "location", "read_bytes", "read_range", "sha256_file", "size", "torch_load",
+           "use_storage_options"]
+
 SCHEME_PACKAGES = {"s3": "s3fs (pip install 'deit-distill[s3]')", "gs": "gcsfs (pip install 'deit-distill[gcs]')",
                    "gcs": "gcsfs (pip install 'deit-distill[gcs]')"}
 
 
-def is_url(path: str | os.PathLike[str]) -> bool:
-    """A URL of a filesystem other than the local one (``file://`` paths are local)."""
-    text = str(path)
-    return "://" in text and not text.startswith("file://")
-
-
 def location(path: str | os.PathLike[str]) -> UPath:
     """The path as a ``UPath``: a local path, or a file or folder on the URL's filesystem."""
-    text = str(path)
-    return UPath(text.removeprefix("file://") if text.startswith("file://") else text)
+    return UPath(local_path(path) if not is_url(path) else str(path))
 
 
 def check_scheme(path: str) -> None:
@@ -67,24 +65,11 @@ def use_storage_options(options: dict[str, dict[str, Any]]) -> None:
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with location(path).open("rb") as f:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    return location(path).read_bytes()
-
-
-def read_range(path: str | os.PathLike[str], start: int, end: int) -> bytes:
-    """Bytes ``start .. end - 1`` of a file (one ranged GET on an object store); fewer if the file is shorter."""
-    if not is_url(path):
-        with open(str(path).removeprefix("file://"), "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
-    p = location(path)
-    return p.fs.cat_file(p.path, start=start, end=end)
 
 
 @contextmanager
@@ -101,36 +86,14 @@ def local_copy(path: str | os.PathLike[str] | None) -> Iterator[str | None]:
 
 
 def size(path: str | os.PathLike[str]) -> int:
-    return int(location(path).stat().st_size)
+    fs, p = filesystem(path)
+    return int(fs.size(p))
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` whole: a temporary sibling and a rename locally (parents are created), one
-    PUT on an object store."""
-    if is_url(path):
-        try:
-            location(path).write_bytes(bytes(data))
-        except OSError as e:
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        return
-    path = Path(str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk or a denied write names the file it was for, and leaves no temp file
-        Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    PUT on an object store (:func:`store.objects.write_object`, the project's one writer)."""
+    write_bytes(path, data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

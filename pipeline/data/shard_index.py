@@ -26,8 +26,8 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from pipeline.errors import DistillError
-from pipeline.files import read_bytes, read_range, size
+from pipeline.core.errors import DistillError
+from pipeline.core.files import read_bytes, read_range, size
 
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("crc32c", "<u4")])
 CHUNK_BYTES = 32 << 20

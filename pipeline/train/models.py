@@ -20,9 +20,9 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
-from pipeline.config import Config, StudentConfig, TeacherConfig
-from pipeline.errors import DistillError
-from pipeline.files import atomic_torch_save, local_copy, location, sha256_file, torch_load
+from pipeline.core.config import Config, StudentConfig, TeacherConfig
+from pipeline.core.errors import DistillError
+from pipeline.core.files import atomic_torch_save, local_copy, location, sha256_file, torch_load
 
 
 class ModelError(DistillError, ValueError):

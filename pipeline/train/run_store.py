@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 import store
-from pipeline.config import Config
-from pipeline.rng import STREAM_VERSION
-from pipeline.shards import Manifest, load_manifest
+from pipeline.core.config import Config
+from pipeline.data.shards import Manifest, load_manifest
+from pipeline.views.rng import STREAM_VERSION
 
 VERSIONED = ("torch", "timm", "zarr", "numcodecs", "webdataset", "numpy", "pillow")
 
