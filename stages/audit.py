@@ -49,6 +49,7 @@ def run(
     epochs: Sequence[int] | None = None,
     ranking: str = DEFAULT_RANKING,
     sheet: int = SHEET,
+    allow_view_drift: bool = False,
 ) -> dict[str, Any]:
     """Audit the logit store of ``cfg``; write the report into ``output`` (default runs/audit next to
     evaluate.output) and return the headline figures (also written to audit.json).
@@ -59,7 +60,7 @@ def run(
     """
     use_storage_options(cfg.storage_options)
     out = location(output) if output is not None else location(cfg.evaluate.output).parent / "audit"
-    inputs = load_audit(cfg.store.path, cfg.data.shards, epochs=epochs)
+    inputs = load_audit(cfg.store.path, cfg.data.shards, epochs=epochs, allow_view_drift=allow_view_drift)
     tables = audit_frames(
         inputs.train, inputs.val, inputs.images, inputs.names, top=top, threshold=threshold, ranking=ranking,
         compare=available_rankings() if inputs.images["planted"].any() else (), probs=inputs.clean_probs,
@@ -74,6 +75,8 @@ def run(
         "val_note": inputs.val_note,
     }
     tables.headline["output"] = str(out)
+    if inputs.view_drift:
+        tables.headline["view_drift"] = inputs.view_drift
     write_report(tables, inputs.names, out, top=top, info=info,
                  sheet=contact_sheet_rows(inputs, tables.suspects, sheet) if sheet else None)
     return tables.headline

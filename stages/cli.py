@@ -124,6 +124,14 @@ def ingest(cfg: Config, quiet: bool) -> None:
     click.echo(f"shards: {out}")
 
 
+def _drift_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--allow-view-drift", is_flag=True,
+        help="Go on when this environment makes other views than the store's teacher labelled (its view canary "
+             "differs): loudly, and recorded in the outputs. Otherwise such a store is refused before any work.",
+    )(fn)
+
+
 def _device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -184,10 +192,11 @@ def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: boo
          "covers fp16 storage and a bf16 teacher against a float32 one; see the README).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_drift_option
 @_device_option
 @friendly
 def verify(cfg: Config, samples: int, seed: int, min_agreement: float, max_logit_diff: float, quiet: bool,
-           device: str) -> None:
+           allow_view_drift: bool, device: str) -> None:
     """Check every stored unit's integrity, then re-run the teacher on sampled stored views and compare.
 
     Exits non-zero on any damaged unit, any NaN target, agreement below --min-agreement or a logit off by
@@ -196,7 +205,7 @@ def verify(cfg: Config, samples: int, seed: int, min_agreement: float, max_logit
     from stages import verify as stage
 
     report = stage.run(cfg, samples=samples, seed=seed, device=device, progress=not quiet,
-                       min_agreement=min_agreement, max_logit_diff=max_logit_diff)
+                       min_agreement=min_agreement, max_logit_diff=max_logit_diff, allow_view_drift=allow_view_drift)
     click.echo(report.summary())
 
 
@@ -211,10 +220,11 @@ def verify(cfg: Config, samples: int, seed: int, min_agreement: float, max_logit
               help="Stop after this many epochs (resumable).")
 @click.option("--restart", is_flag=True, help="Discard a checkpoint from another configuration instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_drift_option
 @_device_option
 @friendly
 def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_epoch: int | None, restart: bool,
-            quiet: bool, device: str) -> None:
+            quiet: bool, allow_view_drift: bool, device: str) -> None:
     """Train the DeiT student from the shards joined with the logit store.
 
     \b
@@ -225,7 +235,7 @@ def student(cfg: Config, teacher_mode: str | None, workers: int | None, until_ep
     from stages import student as stage
 
     out = stage.run(cfg, progress=not quiet, device=device, workers=workers, teacher_mode=teacher_mode,
-                    until_epoch=until_epoch, restart=restart)
+                    until_epoch=until_epoch, restart=restart, allow_view_drift=allow_view_drift)
     click.echo(f"student: {out}")
 
 
@@ -266,9 +276,10 @@ def evaluate(cfg: Config, students: tuple[str, ...], device: str) -> None:
 @click.option("--epoch", "epochs", type=click.IntRange(min=0), multiple=True,
               help="Audit only these stored epochs (repeatable; default all). The train frame holds one row "
                    "per stored view, so at ImageNet scale audit a few epochs.")
+@_drift_option
 @friendly
 def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, output: str | None,
-          epochs: tuple[int, ...]) -> None:
+          epochs: tuple[int, ...], allow_view_drift: bool) -> None:
     """Which training labels are probably wrong, and where the teacher disagrees with the labels.
 
     Ranks every ingested training image by the teacher's probability of its label on the image's
@@ -280,7 +291,7 @@ def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, out
     from stages import audit as stage
 
     result = stage.run(cfg, top=top, output=output, threshold=threshold, ranking=ranking, sheet=sheet,
-                       epochs=list(epochs) or None)
+                       epochs=list(epochs) or None, allow_view_drift=allow_view_drift)
     click.echo(f"audit: {result['output']}")
     for key in ("clean_disagreement", "val_disagreement", "weighted_agreement", "suspects", "val_suspects",
                 "planted", "planted_precision_at_n", "planted_recall_at_2n"):
@@ -291,7 +302,7 @@ def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, out
 
 @main.group("store")
 def store_group() -> None:
-    """Inspect a logit store."""
+    """Inspect a logit store, or give an older one its view canary."""
 
 
 @store_group.command("describe")
@@ -311,10 +322,41 @@ def store_describe(path: str, config_path: Path | None, student_epochs: int | No
     if student_epochs is None and config_path is not None:
         student_epochs = load_config(config_path).student.epochs
     click.echo(store.describe(path))
+    from pipeline.views.canary import store_canary
+
+    check = store_canary(store.open_store(path))
+    click.echo("views here: " + (
+        "the store has no view canary (written before views were fingerprinted): `distill store stamp -c CONFIG` "
+        "records one" if check is None else
+        f"this environment reproduces all {check.total} canary views" if check.same_views else
+        f"this environment makes other views: {check.differ} of {check.total} canary views differ"
+    ) + (f" ({check.versions_text()})" if check is not None and check.versions else ""))
     if student_epochs is not None:
         e = store.spec_of(store.open_store(path)).epochs
         note = reuse_warning(student_epochs, e) or f"within the limit of {REUSE_LIMIT:g}"
         click.echo(f"reuse: {student_epochs} student epochs / E={e} = {reuse_factor(student_epochs, e):.1f}; {note}")
+
+
+@store_group.command("stamp")
+@config_options
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Stored views to replay and re-run the teacher on before the canary is recorded.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_device_option
+@friendly
+def store_stamp(cfg: Config, samples: int, quiet: bool, device: str) -> None:
+    """Record the view canary of a store written before views were fingerprinted (store.path of the config).
+
+    \b
+    Readers refuse a store without a canary. This command first checks that this environment makes the
+    store's views: every unit reads back whole, and SAMPLES stored views, replayed here and run through the
+    teacher, get exactly the stored hard labels (logits within verify's tolerance); only then does it record
+    this environment's library versions and canary views in the store. Otherwise it records nothing and
+    says why: re-run `distill teacher` into a new store, or install the libraries the store was written with.
+    """
+    from stages import verify as stage
+
+    stage.stamp(cfg, samples=samples, device=device, progress=not quiet)
 
 
 if __name__ == "__main__":

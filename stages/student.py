@@ -17,6 +17,7 @@ import io
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -99,30 +100,42 @@ def _changed(stored: dict[str, Any] | None, now: dict[str, Any]) -> str:
         f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else "")
 
 
-def _teacher(cfg: Config, manifest: Manifest, mode: str, dev: torch.device) -> tuple[StoreJoin | None, Targets, str]:
-    """Where the teacher's answers come from: (the store join for the loader, the batch -> targets function,
-    the teacher's identity)."""
+@dataclass(frozen=True)
+class Teacher:
+    """Where the teacher's answers come from."""
+
+    join: StoreJoin | None
+    """The store join for the loader (offline)."""
+    targets: Targets
+    identity: str
+    view_drift: str | None = None
+    """What differs between the store's canary views and this environment's (``--allow-view-drift``)."""
+
+
+def _teacher(cfg: Config, manifest: Manifest, mode: str, dev: torch.device, allow_view_drift: bool,
+             is_main: bool) -> Teacher:
     sc, c = cfg.student, manifest.num_classes
     if sc.distillation == "none":
-        return None, lambda batch, x: None, "none"
+        return Teacher(None, lambda batch, x: None, "none")
     need_soft = sc.distillation == "soft"
     cfg = resolve_teacher(cfg)
     if mode == "offline":
         teacher_id = teacher_identity(cfg.teacher)
-        open_complete_store(cfg, manifest, teacher_id)
+        _, drift = open_complete_store(cfg, manifest, teacher_id, allow_view_drift=allow_view_drift,
+                                       say=(lambda m: print(m, file=sys.stderr)) if is_main else (lambda m: None))
 
         def stored(batch: Batch, x: torch.Tensor) -> TeacherTargets:  # checked and built on the CPU, then moved
             s = batch.stored
             return teacher_targets_from_store(s.logits, s.classes, s.logsumexp, s.hard, c, sc.tau,
                                               need_soft).to(dev, non_blocking=True)
 
-        return StoreJoin(cfg.store.path), stored, teacher_id
+        return Teacher(StoreJoin(cfg.store.path), stored, teacher_id, drift)
     online, teacher_id = load_teacher(cfg.teacher, num_classes=c, in_chans=cfg.aug.channels)
     online.to(dev).eval()
     if dev.type == "cuda":
         online.to(memory_format=torch.channels_last)
-    return None, lambda batch, x: teacher_targets_from_logits(
-        teacher_forward(online, x, dev, to_cpu=False), sc.tau, need_soft), teacher_id
+    return Teacher(None, lambda batch, x: teacher_targets_from_logits(
+        teacher_forward(online, x, dev, to_cpu=False), sc.tau, need_soft), teacher_id)
 
 
 def _criterion(cfg: Config, targets: Targets) -> Criterion:
@@ -202,39 +215,54 @@ def run(
     teacher_mode: str | None = None,
     until_epoch: int | None = None,
     restart: bool = False,
+    allow_view_drift: bool = False,
 ) -> Path:
     """Train (or resume) the student; returns its output folder. ``until_epoch`` stops after that many epochs.
 
     A checkpoint from another configuration is refused unless ``restart``, so a mistyped override never
-    overwrites a long run.
+    overwrites a long run; a store whose views this environment does not make is refused unless
+    ``allow_view_drift`` (then recorded in the metrics).
     """
     use_storage_options(cfg.storage_options)
     env = distributed.setup(device)
     try:
-        return location(_run(cfg, env, progress, workers, teacher_mode, until_epoch, restart))
+        return location(_run(cfg, env, progress, workers, teacher_mode, until_epoch, restart, allow_view_drift))
     finally:
         distributed.teardown()
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What every epoch's checkpoint and metrics say about the run."""
+
+    out: str
+    mode: str
+    identity: dict[str, Any]
+    batch: int
+    num_classes: int
+    view_drift: str | None
+
+
 def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | None, teacher_mode: str | None,
-         until_epoch: int | None, restart: bool) -> str:
+         until_epoch: int | None, restart: bool, allow_view_drift: bool) -> str:
     sc, out = cfg.student, str(cfg.student.output)
     mode, workers = teacher_mode or sc.teacher_mode, sc.workers if workers is None else workers
     manifest = open_shards(cfg)
     warning = reuse_warning(sc.epochs, cfg.teacher.epochs) if mode == "offline" and sc.distillation != "none" else None
     if warning and env.is_main:
         print(f"warning: {warning}", file=sys.stderr)
-    join, targets, teacher_id = _teacher(cfg, manifest, mode, env.device)
-    identity = run_identity(cfg, manifest, mode, teacher_id)
+    teacher = _teacher(cfg, manifest, mode, env.device, allow_view_drift, env.is_main)
+    identity = run_identity(cfg, manifest, mode, teacher.identity)
     ckpt = load_checkpoint(checkpoint_path(out)) if location(checkpoint_path(out)).is_file() and not restart else None
     batch = _batch(cfg, env.world, ckpt)
-    tr = _trainer(cfg, env, manifest, batch, targets)
+    info = RunInfo(out, mode, identity, batch, manifest.num_classes, teacher.view_drift)
+    tr = _trainer(cfg, env, manifest, batch, teacher.targets)
     start, history = _resume(tr, ckpt, checkpoint_path(out), identity, env.rank) if ckpt is not None else (0, [])
     if env.is_main and ckpt is not None:
         print(f"student: resuming {checkpoint_path(out)} after epoch {start} on {env.world} rank(s) x {batch}")
     train, loader = train_stream(manifest, cfg.aug, cfg.seed, batch_size=batch, rank=env.rank, world=env.world,
                                  view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
-                                 shuffle=sc.shuffle, workers=workers, join=join, device=env.device)
+                                 shuffle=sc.shuffle, workers=workers, join=teacher.join, device=env.device)
     val_loader = make_loader(val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size), workers)
     tr.schedule(start)
     for epoch in range(start, sc.epochs if until_epoch is None else min(sc.epochs, until_epoch)):
@@ -247,13 +275,12 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
         if ((epoch + 1) % sc.eval_every == 0 or epoch + 1 == sc.epochs) and env.is_main:
             row.update(evaluate([tr.model] if tr.ema is None else [tr.model, tr.ema.module], val_loader, env.device))
         history.append(row)
-        _end_of_epoch(cfg, env, tr, out, epoch, identity, history, mode, manifest.num_classes, batch)
+        _end_of_epoch(cfg, env, tr, info, epoch, history)
     return out
 
 
-def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, out: str, epoch: int,
-                  identity: dict[str, Any], history: list[dict[str, Any]], mode: str, num_classes: int,
-                  batch: int) -> None:
+def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, info: RunInfo, epoch: int,
+                  history: list[dict[str, Any]]) -> None:
     """Log the epoch, write the checkpoint (every rank's RNG state in it) and the metrics, then wait for all."""
     rng_states = _gather_rng(env)
     if env.is_main:
@@ -263,15 +290,15 @@ def _end_of_epoch(cfg: Config, env: distributed.DistEnv, tr: Trainer, out: str, 
             msg += (f" | val top-1 cls {row['val_cls_top1']:.4f} dist {row['val_dist_top1']:.4f} "
                     f"fused {row['val_fused_top1']:.4f}")
         tqdm.write(f"student[{cfg.student.distillation}] {msg}")
-        save_checkpoint(out, StudentCheckpoint(
-            run_hash=canonical_hash(identity), run_identity=identity, epoch=epoch, step=tr.step,
+        save_checkpoint(info.out, StudentCheckpoint(
+            run_hash=canonical_hash(info.identity), run_identity=info.identity, epoch=epoch, step=tr.step,
             model=tr.model.state_dict(), optimizer=tr.opt.state_dict(),
             ema=tr.ema.state_dict() if tr.ema is not None else None, rng=rng_states, history=history,
-            world=env.world, batch_size=batch, global_batch=batch * env.world,
-            student=cfg.student.model_dump(mode="json"), num_classes=num_classes,
+            world=env.world, batch_size=info.batch, global_batch=info.batch * env.world,
+            student=cfg.student.model_dump(mode="json"), num_classes=info.num_classes,
             img_size=cfg.aug.img_size, in_chans=cfg.aug.channels,
         ))
-        _write_outputs(out, history, _summary(cfg, mode, history))
+        _write_outputs(info.out, history, _summary(cfg, info, history))
     distributed.barrier()
 
 
@@ -295,12 +322,13 @@ def _write_outputs(out: str, history: list[dict[str, Any]], summary: dict[str, A
     atomic_write_json(location(out) / "metrics.json", summary)
 
 
-def _summary(cfg: Config, mode: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(cfg: Config, info: RunInfo, history: list[dict[str, Any]]) -> dict[str, Any]:
     sc = cfg.student
     evaluated = [r for r in history if "val_fused_top1" in r]
     last = evaluated[-1] if evaluated else {}
     return {
-        "distillation": sc.distillation, "token": sc.token, "teacher_mode": mode,
+        "distillation": sc.distillation, "token": sc.token, "teacher_mode": info.mode,
+        **({"view_drift": info.view_drift} if info.view_drift else {}),
         "epochs_done": history[-1]["epoch"] if history else 0,
         "train_im_per_s": float(np.mean([r["im_per_s"] for r in history])) if history else 0.0,
         **{k: v for k, v in last.items() if k.startswith("val_")},

@@ -24,6 +24,7 @@ from pipeline.data.shards import Manifest, load_manifest, open_shards
 from pipeline.train import distributed
 from pipeline.train.models import load_teacher, resolve_teacher, teacher_fit_samples, teacher_forward
 from pipeline.train.run_store import store_provenance, store_spec
+from pipeline.views.canary import make_canary, pick_pool, record_canary, require_same_views
 from pipeline.views.loading import EvalDataset, UnitDataset, make_loader
 from stages.teacher_units import Collector, Unit, drop_damaged_units, log_unit, pack_ready, pending
 
@@ -80,16 +81,17 @@ def _compute(cfg: Config, model, device: torch.device, group, manifests: tuple[M
 
 
 def _fill(cfg: Config, model, env: distributed.DistEnv, group, manifest: Manifest, claims: store.Claims,
-          batch_size: int, workers: int, progress: bool, costs: Costs) -> int:
+          batch_size: int, workers: int, progress: bool, costs: Costs) -> tuple[int, int]:
     """Claim, compute and write units until none is left without a record, packing every stored epoch as it
-    completes; returns the units this process wrote. Units and epochs other processes hold are waited for:
-    their claims either end in a record or expire."""
+    completes; returns the units this process wrote and the epochs it packed. Units and epochs other processes
+    hold are waited for: their claims either end in a record or expire."""
     spec, objs, full = store.spec_of(group), store.objects_of(group), load_manifest(cfg.data.shards)
     todo = pending(group, spec)
-    total, wave_size, written = _images(full, todo), 2 * max(workers, 1), 0
+    total, wave_size, written, packs = _images(full, todo), 2 * max(workers, 1), 0, 0
     with progress_bar(total, f"teacher {cfg.teacher.model}", "im", progress) as bar:
         while True:
             packed = pack_ready(group, claims)
+            packs += packed
             if not todo and not store.unpacked_complete(group):
                 break
             wave = _claim_wave(claims, objs, todo, wave_size, env.rank * len(todo) // env.world) if todo else []
@@ -101,7 +103,7 @@ def _fill(cfg: Config, model, env: distributed.DistEnv, group, manifest: Manifes
                 time.sleep(min(2.0, claims.ttl / 4))
             todo = pending(group, spec)
             bar.update(max(0, total - _images(full, todo) - bar.n))  # what every process has written
-    return written
+    return written, packs
 
 
 def run(
@@ -118,6 +120,10 @@ def run(
     try:
         return _run(cfg, env, cfg.teacher.workers if workers is None else workers,
                     batch_size or cfg.teacher.batch_size, progress and env.is_main)
+    except OSError as e:
+        if e.errno is not None and e.filename is None:  # a write() that failed (a full disk): name the store
+            raise OSError(e.errno, e.strerror or str(e), str(cfg.store.path)) from e
+        raise
     finally:
         distributed.teardown()
 
@@ -130,8 +136,12 @@ def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, p
     if env.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     path = cfg.store.path
-    prov = store_provenance(cfg, manifest, sha, teacher_fit_samples(cfg.teacher))
+    pool = pick_pool(manifest)
+    canary = make_canary(pool, cfg.aug, cfg.seed)
+    prov = store_provenance(cfg, manifest, sha, teacher_fit_samples(cfg.teacher), views=canary)
     group = store.create_store(path, store_spec(cfg, manifest), prov)
+    record_canary(group, pool)
+    require_same_views(group, str(path), fresh=canary, say=print if env.is_main else lambda _: None)
     spec = store.spec_of(group)
     store.tidy(group)
     drop_damaged_units(group, spec, env.rank, env.world, progress)
@@ -140,9 +150,10 @@ def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, p
         print(f"teacher: {done} unit(s) already done in {path}, skipping them")
     t0, costs = time.perf_counter(), {}
     with store.Claims(store.objects_of(group), ttl=cfg.teacher.claim_ttl) as claims:
-        written = _fill(cfg, model, env, group, manifest, claims, batch_size, workers, progress, costs)
+        written, packs = _fill(cfg, model, env, group, manifest, claims, batch_size, workers, progress, costs)
     elapsed = time.perf_counter() - t0
-    store.finalize(path)
+    if written or packs:  # a store that was complete is only read (it may live on read-only storage)
+        store.finalize(path)
     parts = ", ".join(f"{sp} {int(n)} images in {sec:.1f} s" for sp, (n, sec) in costs.items())
     print(f"teacher: wrote {written} unit(s) on rank {env.rank} in {elapsed:.0f} s "
           f"({claims.taken_over} taken over from writers that stopped) -> {path}" + (f"; {parts}" if parts else ""))

@@ -9,7 +9,7 @@ a library upgrade, another seed path) the stored targets would describe other im
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from pipeline.data.shards import Manifest, open_shards, shard_samples
 from pipeline.train.distributed import resolve_device
 from pipeline.train.models import load_teacher, resolve_teacher, teacher_forward
 from pipeline.train.run_store import store_provenance
+from pipeline.views.canary import make_canary, pick_pool, record_canary, require_same_views
 from pipeline.views.handover import Finisher
 from pipeline.views.loading import UnitDataset
 from pipeline.views.plan import check_plan, epoch_plan
@@ -56,6 +57,10 @@ class VerifyReport:
     max_abs_logit_diff: float = 0.0
     device_view_diff: float | None = None
     """Largest |CPU-finished − device-finished| over a batch of training views; None on a CPU-only run."""
+    missing: list[str] = field(default_factory=list)
+    """Units not done (a store is complete, or it fails verification)."""
+    view_drift: str | None = None
+    """What differs between the store's canary views and this environment's (``--allow-view-drift``)."""
 
     @property
     def agreement(self) -> float:
@@ -68,13 +73,17 @@ class VerifyReport:
                  if self.device_view_diff == 0 else
                  f"CPU- and device-finished views differ by up to {self.device_view_diff:.3g}: targets stored from "
                  "one device type are approximate on the other")
-        return (f"verify: {self.units} unit(s) read back, {len(self.damaged)} damaged, {self.nan} with NaN; "
+        return (f"verify: {self.units} unit(s) read back, {len(self.damaged)} damaged, {self.nan} with NaN, "
+                f"{len(self.missing)} missing; "
                 f"{self.agree}/{self.checked} hard labels agree ({self.agreement:.2%}), "
                 f"max |delta logit| {self.max_abs_logit_diff:.4g}; {views}")
 
     def problems(self, min_agreement: float = MIN_AGREEMENT, max_logit_diff: float = MAX_LOGIT_DIFF) -> list[str]:
         """Why the store fails verification (none: it passes)."""
         out = [*self.damaged]
+        if self.missing:
+            out.append(f"{len(self.missing)} unit(s) not done, e.g. {', '.join(self.missing[:5])}: the store is "
+                       "incomplete; run `distill teacher` to complete it")
         if self.nan:
             out.append(f"{self.nan} unit(s) hold NaN targets")
         if self.checked and self.agreement < min_agreement:
@@ -122,17 +131,52 @@ def _picks(manifest: Manifest, good: set[tuple[int, int]], samples: int, seed: i
 
 
 def run(cfg: Config, *, samples: int = 64, seed: int = 0, device: str = "auto", progress: bool = False,
-        min_agreement: float = MIN_AGREEMENT, max_logit_diff: float = MAX_LOGIT_DIFF) -> VerifyReport:
+        min_agreement: float = MIN_AGREEMENT, max_logit_diff: float = MAX_LOGIT_DIFF,
+        allow_view_drift: bool = False) -> VerifyReport:
     """Check every unit, then re-run the teacher on ``samples`` random stored views and compare; the report, or
     VerificationFailed naming every problem."""
-    report = _report(cfg, samples, seed, device, progress)
+    report = _report(cfg, samples, seed, device, progress, "allow" if allow_view_drift else "check")
     problems = report.problems(min_agreement, max_logit_diff)
     if problems:
         raise VerificationFailed(report, problems)
     return report
 
 
-def _report(cfg: Config, samples: int, seed: int, device: str, progress: bool) -> VerifyReport:
+def stamp(cfg: Config, *, samples: int = 256, seed: int = 0, device: str = "auto", progress: bool = False,
+          max_logit_diff: float = MAX_LOGIT_DIFF) -> VerifyReport:
+    """Give a store written before views were fingerprinted its view canary, once ``samples`` of its stored views,
+    replayed here, get exactly the teacher's stored hard labels (and logits within ``max_logit_diff``), and every
+    done unit reads back whole: then this environment makes the views the store was written for, and its canary
+    is what every later reader checks against (an incomplete store can then be completed by ``distill teacher``).
+    A store that has a canary is only checked."""
+    use_storage_options(cfg.storage_options)
+    group = store.open_store(cfg.store.path)
+    if "views" in group.attrs.asdict()["provenance"]:
+        require_same_views(group, str(cfg.store.path))
+        print(f"stamp: {cfg.store.path} has a view canary already, and this environment reproduces it")
+        return _report(cfg, 0, seed, device, progress, "check")
+    report = _report(cfg, samples, seed, device, progress, "skip")
+    problems = replace(report, missing=[]).problems(1.0, max_logit_diff)  # views, not completeness (verify's)
+    if problems:
+        raise VerificationFailed(report, ["not stamped:", *problems])
+    pool = pick_pool(open_shards(cfg))
+    record_canary(group, pool)
+    store.annotate(cfg.store.path, "views", make_canary(pool, cfg.aug, cfg.seed))
+    print(f"stamp: {report.agree}/{report.checked} stored views replayed here get the teacher's stored answers; "
+          f"recorded this environment's view canary in {cfg.store.path}")
+    return report
+
+
+def missing_units(group) -> list[str]:
+    """Every unit the store's layout has and no done record marks, named."""
+    out = [f"train (epoch {e}, shard {s})" for e, s in np.argwhere(~store.done_mask(group))]
+    for split in store.VIEW_SPLITS:
+        out += [f"{split} shard {s}" for s in np.flatnonzero(~store.val_done_mask(group, split))]
+    return out
+
+
+def _report(cfg: Config, samples: int, seed: int, device: str, progress: bool, views: str) -> VerifyReport:
+    """``views``: "check" the store's canary, "allow" it to differ (saying so), or "skip" it (a store to stamp)."""
     use_storage_options(cfg.storage_options)
     dev = resolve_device(device)
     manifest = open_shards(cfg)
@@ -140,6 +184,7 @@ def _report(cfg: Config, samples: int, seed: int, device: str, progress: bool) -
     model, sha = load_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
     model.to(dev).eval()
     group = store.open_store(cfg.store.path, expected=store_provenance(cfg, manifest, sha))
+    drift = require_same_views(group, str(cfg.store.path), allow_drift=views == "allow") if views != "skip" else None
     n_units, damaged, nan, good = check_units(group, progress)
     if n_units == 0:
         raise store.MissingUnit(f"{cfg.store.path}: no completed units to verify; run `distill teacher`")
@@ -159,7 +204,7 @@ def _report(cfg: Config, samples: int, seed: int, device: str, progress: bool) -
         max_diff = max(max_diff, float(np.abs(recomputed - unit.topk_logits[rows]).max()))
         checked += len(order)
     view_diff = device_view_diff(manifest, cfg.aug, cfg.seed, min(good), dev) if good else None
-    return VerifyReport(n_units, damaged, nan, checked, agree, max_diff, view_diff)
+    return VerifyReport(n_units, damaged, nan, checked, agree, max_diff, view_diff, missing_units(group), drift)
 
 
 def device_view_diff(manifest: Manifest, aug: AugConfig, seed: int, unit: tuple[int, int],

@@ -6,7 +6,7 @@ against the done record its writer left (``store.records``); writers coordinate 
 """
 
 from store.claims import Claims
-from store.create import create_store, finalize, open_store
+from store.create import annotate, create_store, finalize, open_store
 from store.describe import describe
 from store.frames import split_probs, train_frame, val_frame
 from store.layout import (
@@ -42,6 +42,7 @@ from store.targets import dense_soft_target, stored_probs, tail_mass, topk_from_
 from store.writer import write_train_unit, write_val_unit
 
 __all__ = [
+    "annotate",
     "pack_epoch",
     "packed_epochs",
     "plan_digest",

@@ -93,7 +93,9 @@ def create_store(path: str | Path, spec: StoreSpec, provenance: dict[str, Any],
         raise StoreError(f"{path}: a non-empty directory that is not a Zarr store; refusing to write into it")
     meta = {"zarr_format": 3, "node_type": "group",
             "attributes": {"format": FORMAT, "spec": spec.to_dict(), "provenance": prov}}
-    created = objs.put("zarr.json", json.dumps(meta).encode(), exclusive=True)
+    # a store that exists is only read (it may be complete on read-only storage); a new one is created by exactly one
+    # of the writers racing for it
+    created = objs.get("zarr.json") is None and objs.put("zarr.json", json.dumps(meta).encode(), exclusive=True)
     root = _open(path, "r+", storage_options, use_consolidated=False)
     attrs = root.attrs.asdict()
     if not created:
@@ -133,3 +135,13 @@ def open_store(path: str | Path, expected: dict[str, Any] | None = None,
     if expected is not None:
         check_identity(str(path), attrs["provenance"], expected)
     return root
+
+
+def annotate(path: str | Path, field: str, value: Any, storage_options: dict[str, Any] | None = None) -> None:
+    """Add or replace one informational provenance field of an existing store (never an identity field: those
+    say what the targets are), and consolidate the metadata again."""
+    if field in IDENTITY_FIELDS:
+        raise StoreError(f"logit store {path}: provenance field {field!r} identifies the targets; it is never changed")
+    root = _open(path, "r+", storage_options, use_consolidated=False)
+    root.attrs["provenance"] = {**root.attrs.asdict()["provenance"], field: normalize(value)}
+    finalize(path, storage_options)

@@ -42,6 +42,22 @@ def _staged_keys(group: zarr.Group, epoch: int, shard: int) -> list[str]:
     return keys
 
 
+def _packed_keys(group: zarr.Group, epoch: int) -> list[str]:
+    """The object of each packed array of one stored epoch (zarr's sharding: one shard per array and epoch)."""
+    keys = []
+    for name in TRAIN_TARGETS:
+        arr = group[f"train/{name}"]
+        keys.append(f"train/{name}/{arr.metadata.encode_chunk_key((epoch,) + (0,) * (arr.ndim - 1))}")
+    return keys
+
+
+def _drop_packed(group: zarr.Group, epoch: int) -> None:
+    """Delete a stored epoch's packed objects: zarr would read a damaged one back before overwriting it."""
+    objs = objects_of(group)
+    for key in _packed_keys(group, epoch):
+        objs.delete(key)
+
+
 def _drop_staged(group: zarr.Group, epoch: int) -> None:
     objs = objects_of(group)
     for shard in range(spec_of(group).n_shards):
@@ -64,6 +80,7 @@ def pack_epoch(group: zarr.Group, epoch: int) -> None:
         for name in TRAIN_TARGETS:
             columns[name].append(arrays[name])
         records[shard] = {"rows": list(record.rows), "digests": record.digests, "plan": record.plan}
+    _drop_packed(group, epoch)  # what a packer killed half-way, or a damaged copy, left: written anew, whole
     for name in TRAIN_TARGETS:
         group[f"train/{name}"][epoch] = np.concatenate(columns[name])  # one writer writes the epoch's object whole
     write_epoch_record(objs, epoch, records)
@@ -89,6 +106,7 @@ def unpack_epoch(group: zarr.Group, epoch: int, damaged: set[int]) -> None:
         records = {s: read_record(objs, "train", epoch, s, fresh=s == 0) for s in range(spec.n_shards)}
     except DamagedUnit:
         forget_epoch(objs, epoch)
+        _drop_packed(group, epoch)
         return
     if not any(r is not None and r.packed for r in records.values()):
         return  # unpacked by another process meanwhile
@@ -104,3 +122,4 @@ def unpack_epoch(group: zarr.Group, epoch: int, damaged: set[int]) -> None:
         for name in TRAIN_TARGETS:
             group[f"{STAGE}/train/{name}"][epoch, a:b] = arrays[name]
         write_record(objs, "train", epoch, shard, unit_body((a, b), arrays, record.plan))
+    _drop_packed(group, epoch)  # restaged: the packed copy (maybe damaged) is no longer any unit's

@@ -19,6 +19,7 @@ from conftest import ROOT, make_config, make_idx
 import store
 from pipeline.audit import rankings, tables
 from pipeline.data.shards import ShardError, load_manifest, open_shards, run_manifest
+from pipeline.views import canary
 from stages import audit, audit_report, ingest
 
 C = 4
@@ -103,9 +104,11 @@ def build(tmp: Path) -> Planted:
     labels, val_labels = shard_labels(m.shard_paths("train")), shard_labels(m.shard_paths("val"))
     spec = store.StoreSpec(num_classes=C, epochs=E, topk=K, train_ranges=tuple(m.ranges("train")),
                            val_ranges=tuple(m.ranges("val")), clean_ranges=tuple(m.ranges("train")))
+    pool = canary.pick_pool(m)  # the view canary, as the teacher stage records it
     prov = {"manifest_fingerprint": m.fingerprint, "num_classes": C, "epochs": E, "topk": K,
-            "aug": cfg.aug.model_dump(mode="json"), "seed": cfg.seed}
+            "aug": cfg.aug.model_dump(mode="json"), "seed": cfg.seed, "views": canary.make_canary(pool, cfg.aug, 0)}
     group = store.create_store(cfg.store.path, spec, prov)
+    canary.record_canary(group, pool)
     plans = tables.store_plans(group)
     confident, weak = _choose(plans, spec.train_ranges, labels)
     rng = np.random.default_rng(0)

@@ -103,8 +103,8 @@ def test_the_devices_batched_finishing_gives_the_cpus_per_sample_bits(tmp_path):
 
 
 def test_a_store_written_from_one_process_views_is_accepted_and_agrees_exactly(tmp_path):
-    """As a store written before the hand-over: its targets come from whole one-process views; the verify
-    stage replays through the hand-over and finds every logit again."""
+    """As a store written before the hand-over (and before the view canary): its targets come from whole
+    one-process views; stamping it replays through the hand-over and finds every logit again."""
     cfg = shards(tmp_path, 1, reprob=0.25, recount=1)
     ckpt = save_random_teacher(cfg, tmp_path / "teacher.pt", seed=0, num_classes=4)
     cfg = derive(cfg, teacher={"checkpoint": str(ckpt), "epochs": 1, "topk": 4})
@@ -125,7 +125,7 @@ def test_a_store_written_from_one_process_views_is_accepted_and_agrees_exactly(t
         labels = np.array([decode_sample(r)[1] for r in shard_samples(m, "train", s)])
         store.write_train_unit(group, 0, s, topk_logits=tl, topk_classes=tc, logsumexp=lse, label=labels,
                                plan=(plan.partner, plan.kind, plan.lam))
-    report = verify.run(cfg, samples=24, device="cpu")
+    report = verify.stamp(cfg, samples=24, device="cpu")
     assert report.units == 2 and report.checked >= 10 and report.agreement == 1.0
     assert report.max_abs_logit_diff <= 2e-3  # the stored top-k logits are float16
     assert report.device_view_diff is None  # a CPU-only run: no device to compare

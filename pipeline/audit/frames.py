@@ -21,6 +21,7 @@ from pipeline.audit.tables import store_plans
 from pipeline.core.config import Location
 from pipeline.core.files import location
 from pipeline.data.shards import MANIFEST_NAME, Manifest, load_manifest, shard_name
+from pipeline.views.canary import require_same_views
 
 __all__ = ["AuditInputs", "load_audit"]
 
@@ -41,6 +42,8 @@ class AuditInputs:
     val_note: str
     images: pd.DataFrame
     val_images: pd.DataFrame | None
+    view_drift: str | None = None
+    """What differs between the store's canary views and this environment's (``allow_view_drift``)."""
 
     def clean_probs(self) -> np.ndarray:
         return store.split_probs(self.group, "clean")
@@ -58,14 +61,17 @@ def _split(group: Any, split: str, names: list[str]) -> pd.DataFrame:
         raise store.MissingUnit(f"{e}; run `distill teacher` to complete the store") from None
 
 
-def load_audit(store_path: Location, shards: Location, *, epochs: Sequence[int] | None = None) -> AuditInputs:
-    """Open the store (refused when written from other shards: its class ids would mean something else) and
-    build the audit's frames; ``epochs`` limits the train frame (one row per stored view) to those epochs."""
+def load_audit(store_path: Location, shards: Location, *, epochs: Sequence[int] | None = None,
+               allow_view_drift: bool = False) -> AuditInputs:
+    """Open the store (refused when written from other shards: its class ids would mean something else; or when
+    this environment makes other views, unless ``allow_view_drift``) and build the audit's frames; ``epochs``
+    limits the train frame (one row per stored view) to those epochs."""
     full = _manifests(shards)
     spec = store.spec_of(store.open_store(store_path))
     run = full.first_train_shards(spec.n_shards) if full is not None else None
     expected = {"manifest_fingerprint": run.fingerprint, "num_classes": run.num_classes} if run else None
     group = store.open_store(store_path, expected=expected)
+    drift = require_same_views(group, str(store_path), allow_drift=allow_view_drift)
     names = list(full.classes) if full is not None else [str(i) for i in range(spec.num_classes)]
     if epochs is not None and any(not 0 <= e < spec.epochs for e in epochs):
         raise store.StoreError(f"audit --epoch {sorted(epochs)}: {store_path} holds epochs 0..{spec.epochs - 1}")
@@ -88,4 +94,4 @@ def load_audit(store_path: Location, shards: Location, *, epochs: Sequence[int] 
         vfiles = ([s.file for s in full.shards("val")] if full is not None
                   else [shard_name("val", s) for s in range(spec.n_val_shards)])
         val_images = image_table(val, names, fit_samples=0, files=vfiles)
-    return AuditInputs(group, spec, names, full, train, val, val_note, images, val_images)
+    return AuditInputs(group, spec, names, full, train, val, val_note, images, val_images, drift)

@@ -16,6 +16,7 @@ import numpy as np
 import store
 from pipeline.core.config import Config
 from pipeline.data.shards import Manifest, load_manifest
+from pipeline.views.canary import require_same_views
 from pipeline.views.rng import STREAM_VERSION
 
 VERSIONED = ("torch", "timm", "zarr", "numcodecs", "webdataset", "numpy", "pillow")
@@ -47,10 +48,12 @@ def store_spec(cfg: Config, manifest: Manifest) -> store.StoreSpec:
 
 
 def store_provenance(
-    cfg: Config, manifest: Manifest, teacher_sha256: str, fit_samples: int | None = None
+    cfg: Config, manifest: Manifest, teacher_sha256: str, fit_samples: int | None = None,
+    views: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Identity of the targets a teacher run writes (see store.IDENTITY_FIELDS) plus informational keys
-    (``teacher_fit_samples``: the teacher was fit on the first N ingested train images, None if unknown)."""
+    (``teacher_fit_samples``: the teacher was fit on the first N ingested train images, None if unknown;
+    ``views``: the view canary, :mod:`pipeline.views.canary`)."""
     return {
         "teacher": cfg.teacher.model,
         "teacher_sha256": teacher_sha256,
@@ -65,12 +68,15 @@ def store_provenance(
         "aug": cfg.aug.model_dump(mode="json"),
         "teacher_fit_samples": fit_samples,
         "versions": versions(),
+        **({"views": views} if views is not None else {}),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def open_complete_store(cfg: Config, manifest: Manifest, teacher_sha256: str):
-    """The run's store, read-only, refused when written for another run or when a train unit is not done."""
+def open_complete_store(cfg: Config, manifest: Manifest, teacher_sha256: str, *, allow_view_drift: bool = False,
+                        say: Any = print) -> tuple[Any, str | None]:
+    """The run's store, read-only, refused when written for another run, when a train unit is not done, or when
+    this environment makes other views (unless ``allow_view_drift``); and what differs then (None: nothing)."""
     group = store.open_store(cfg.store.path, expected=store_provenance(cfg, manifest, teacher_sha256))
     missing = np.argwhere(~store.done_mask(group))
     if len(missing):
@@ -79,4 +85,4 @@ def open_complete_store(cfg: Config, manifest: Manifest, teacher_sha256: str):
             f"logit store {cfg.store.path}: {len(missing)} unit(s) not done, e.g. {units}; "
             "run `distill teacher` to complete it"
         )
-    return group
+    return group, require_same_views(group, str(cfg.store.path), allow_drift=allow_view_drift, say=say)
