@@ -59,7 +59,8 @@ def describe(path: str | Path) -> str:
     lines.append("provenance:")
     for key, value in sorted(attrs.get("provenance", {}).items()):
         if key == "views" and isinstance(value, dict):  # the view canary: its versions and size, not its digests
-            value = {"versions": value.get("versions"), "canary views": sum(map(len, value.get("train", []))),
+            value = {"versions": value.get("versions"),
+                     "canary views": sum(map(len, value.get("train", []))) + len(value.get("eval", [])),
                      "covers": value.get("covers")}
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         lines.append(f"  {key}: {text}")

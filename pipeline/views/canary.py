@@ -289,7 +289,7 @@ def store_canary(group: Any) -> CanaryCheck | None:
 
 def _install_hint(check: CanaryCheck) -> str:
     pins = " ".join(f"'{lib}=={theirs}'" for lib, theirs, _ in check.versions if lib != "view_stream")
-    return f"pip install {pins}" if pins else "the code that made the store's views"
+    return f"pip install {pins}" if pins else ""
 
 
 def require_same_views(group: Any, where: str, *, allow_drift: bool = False, say: Any = print,
@@ -312,8 +312,10 @@ def require_same_views(group: Any, where: str, *, allow_drift: bool = False, say
              + (f" ({check.versions_text()})" if check.versions else " (no recorded library version differs: "
                 "the code that makes views changed)"))
     if not allow_drift:
-        raise ViewDrift(f"logit store {where}: {drift}; install the recorded versions ({_install_hint(check)}) or "
-                        "re-run `distill teacher` into a new store (--allow-view-drift trains on it anyway)")
+        way = (f"install the recorded versions ({_install_hint(check)})" if _install_hint(check).startswith("pip")
+               else "use the environment (and project version) that wrote it")
+        raise ViewDrift(f"logit store {where}: {drift}; {way} or re-run `distill teacher` into a new store "
+                        "(--allow-view-drift trains on it anyway)")
     say(f"WARNING: logit store {where}: {drift}; going on anyway (--allow-view-drift): its targets describe "
         "views this environment does not make")
     return drift
