@@ -8,6 +8,7 @@ file, field or value, instead of a traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,46 +17,10 @@ from typing import Any
 import click
 
 from pipeline.core.config import DEFAULT_CONFIG, Config, ConfigError, load_config
-from pipeline.core.errors import DistillError
+from stages.cli_errors import friendly
 
 MIN_AGREEMENT, MAX_LOGIT_DIFF = 0.99, 0.5
 """verify's defaults (stages.verify's, repeated here so --help does not import the stage; a test checks both)."""
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error types, and the operating system's (a full disk, a denied permission, a
-    read-only store). The store's are imported only when an error is being matched, so --help stays fast."""
-    from store import StoreError
-
-    return (DistillError, StoreError, OSError)
-
-
-def _message(e: BaseException) -> str:
-    """The error in a line or a paragraph: an OS error as "path: reason"; an error re-raised from a DataLoader
-    worker (whose text carries the worker's traceback) as its original message."""
-    if isinstance(e, OSError) and not isinstance(e, DistillError) and e.strerror:
-        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    text = str(e)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last and "." in last.split(": ", 1)[0] else last
-    return text
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's own errors (and OS errors) into a clean message and exit code 1; with --debug or
-    DISTILL_DEBUG=1 the traceback is shown instead."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _known_errors() as e:
-            if os.environ.get("DISTILL_DEBUG", "") not in ("", "0"):
-                raise
-            raise click.ClickException(_message(e)) from e
-
-    return wrapper
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -106,13 +71,18 @@ def main(debug: bool) -> None:
     """
     if debug:
         os.environ["DISTILL_DEBUG"] = "1"
+    else:  # an object store that went away: the error ends the run in one line, not in asyncio's task dumps
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 @main.command()
 @config_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--rehash", is_flag=True,
+              help="Re-hash every existing shard against the manifest before calling it up to date (default: their "
+                   "sizes and versions against ingest's stamp, one listing).")
 @friendly
-def ingest(cfg: Config, quiet: bool) -> None:
+def ingest(cfg: Config, quiet: bool, rehash: bool) -> None:
     """Write the dataset as WebDataset shards with dense global indices and a manifest.
 
     Samples are shuffled once with the config seed, indexed 0..N-1 in shard order and written to
@@ -120,8 +90,18 @@ def ingest(cfg: Config, quiet: bool) -> None:
     """
     from stages import ingest as stage
 
-    out = stage.run(cfg, progress=not quiet)
+    out = stage.run(cfg, progress=not quiet, rehash=rehash)
     click.echo(f"shards: {out}")
+
+
+def _part(value: str | None) -> tuple[int, int] | None:
+    """``I/N`` as (I, N), 0 <= I < N."""
+    if value is None:
+        return None
+    i, _, n = value.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise click.BadParameter(f"{value!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(i), int(n)
 
 
 def _drift_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -161,10 +141,14 @@ def teacher_fit(cfg: Config, force: bool, quiet: bool, device: str) -> None:
               help="DataLoader workers (default: teacher.workers).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Inference batch (default: teacher.batch_size).")
+@click.option("--part", callback=lambda ctx, p, v: _part(v), default=None, metavar="I/N",
+              help="Fill only static part I of N of the units, without claims (a job-array task on storage that "
+                   "ignores conditional writes); a last run without --part packs what is left.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_device_option
 @friendly
-def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: bool, device: str) -> None:
+def teacher(cfg: Config, workers: int | None, batch_size: int | None, part: tuple[int, int] | None, quiet: bool,
+            device: str) -> None:
     """Run the teacher over E augmented epochs and write the logit store.
 
     \b
@@ -174,7 +158,7 @@ def teacher(cfg: Config, workers: int | None, batch_size: int | None, quiet: boo
     """
     from stages import teacher as stage
 
-    stage.run(cfg, workers=workers, batch_size=batch_size, progress=not quiet, device=device)
+    stage.run(cfg, workers=workers, batch_size=batch_size, progress=not quiet, device=device, part=part)
 
 
 @main.command()

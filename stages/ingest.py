@@ -25,6 +25,7 @@ import webdataset as wds
 from pipeline.core.config import Config, canonical_hash
 from pipeline.core.files import is_url, location, sha256_file, use_storage_options
 from pipeline.core.progress import progress_bar
+from pipeline.data.freshness import shard_files_present, unchanged, verify_shards, write_stamp
 from pipeline.data.shard_index import build_index, index_name, write_index
 from pipeline.data.shards import (
     MANIFEST_NAME,
@@ -34,9 +35,7 @@ from pipeline.data.shards import (
     data_config_hash,
     encode_sample,
     load_manifest,
-    shard_files_present,
     shard_name,
-    verify_shards,
     write_manifest,
 )
 from pipeline.data.sources import CorruptImage, IngestError, Record, Source, read_source
@@ -65,8 +64,9 @@ def shuffle_records(records: list[Record], seed: int, split: str, limit: int | N
     return [records[i] for i in order.tolist()]
 
 
-def _current(out: Path, config_hash: str, key: str) -> Manifest | None:
-    """The existing manifest when it is whole and was made from this config and these inputs."""
+def _current(out: Path, config_hash: str, key: str, rehash: bool) -> Manifest | None:
+    """The existing manifest when it is whole and was made from this config and these inputs: its files unchanged
+    since ingest stamped them (one listing), or, when they may have changed (or ``rehash``), re-hashed."""
     if not (out / MANIFEST_NAME).is_file():
         return None
     try:
@@ -77,12 +77,15 @@ def _current(out: Path, config_hash: str, key: str) -> Manifest | None:
         return None
     if set(m.splits) != set(SPLITS) or not shard_files_present(m):
         return None
+    if not rehash and unchanged(m):
+        return m
     try:  # the shards are what the manifest says, to the byte (a full read: sizes alone miss a swapped image)
         for split in SPLITS:
             verify_shards(m, split)
     except ShardError as e:
         print(f"shards out of date: {e}")
         return None
+    write_stamp(m)  # re-hashed: the next check lists instead
     return m
 
 
@@ -242,8 +245,9 @@ def _staging(out) -> Path:
     return tmp
 
 
-def run(config: Config, *, progress: bool = True) -> Path:
-    """Ingest ``config.data`` into shards + manifest; returns the shards folder (absolute, or the URL)."""
+def run(config: Config, *, progress: bool = True, rehash: bool = False) -> Path:
+    """Ingest ``config.data`` into shards + manifest; returns the shards folder (absolute, or the URL). Shards
+    already there are kept when their stamp says they are unchanged (``rehash``: re-hash them all instead)."""
     use_storage_options(config.storage_options)
     data = config.data
     out = location(data.shards) if is_url(data.shards) else Path(str(data.shards)).absolute()
@@ -252,7 +256,7 @@ def run(config: Config, *, progress: bool = True) -> Path:
     config_hash = data_config_hash(config)
     key = input_key(source)
 
-    current = _current(out, config_hash, key)
+    current = _current(out, config_hash, key, rehash)
     if current is not None:
         print(f"shards up to date (fingerprint {current.fingerprint[:16]}) in {out}")
         return out
@@ -268,6 +272,7 @@ def run(config: Config, *, progress: bool = True) -> Path:
         _upload(tmp, out) if is_url(out) else _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone by now locally: renamed into place
+    write_stamp(load_manifest(out))
 
     counts = " / ".join(f"{manifest.count(s)} {s}" for s in SPLITS)
     n_shards = sum(len(manifest.shards(s)) for s in SPLITS)

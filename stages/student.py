@@ -29,6 +29,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import store
 from pipeline.core.config import Config, canonical_hash
 from pipeline.core.errors import DistillError
 from pipeline.core.files import atomic_write_json, atomic_write_text, location, use_storage_options
@@ -121,15 +122,15 @@ def _teacher(cfg: Config, manifest: Manifest, mode: str, dev: torch.device, allo
     cfg = resolve_teacher(cfg)
     if mode == "offline":
         teacher_id = teacher_identity(cfg.teacher)
-        _, drift = open_complete_store(cfg, manifest, teacher_id, allow_view_drift=allow_view_drift,
-                                       say=(lambda m: print(m, file=sys.stderr)) if is_main else (lambda m: None))
+        group, drift = open_complete_store(cfg, manifest, teacher_id, allow_view_drift=allow_view_drift,
+                                           say=(lambda m: print(m, file=sys.stderr)) if is_main else (lambda m: None))
 
         def stored(batch: Batch, x: torch.Tensor) -> TeacherTargets:  # checked and built on the CPU, then moved
             s = batch.stored
             return teacher_targets_from_store(s.logits, s.classes, s.logsumexp, s.hard, c, sc.tau,
                                               need_soft).to(dev, non_blocking=True)
 
-        return Teacher(StoreJoin(cfg.store.path), stored, teacher_id, drift)
+        return Teacher(StoreJoin(cfg.store.path, frozenset(store.packed_epochs(group))), stored, teacher_id, drift)
     online, teacher_id = load_teacher(cfg.teacher, num_classes=c, in_chans=cfg.aug.channels)
     online.to(dev).eval()
     if dev.type == "cuda":

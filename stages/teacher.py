@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import store
 from pipeline.core.config import Config
+from pipeline.core.errors import DistillError
 from pipeline.core.files import location, use_storage_options
 from pipeline.core.progress import progress_bar
 from pipeline.data.shards import Manifest, load_manifest, open_shards
@@ -34,13 +35,14 @@ def _images(manifest: Manifest, units: list[Unit]) -> int:
 
 
 def _claim_wave(claims: store.Claims, objs: store.Objects, todo: list[Unit], size: int, start: int) -> list[Unit]:
-    """Claim up to ``size`` units of ``todo``, trying them from position ``start`` on (ranks start apart)."""
+    """Claim up to ``size`` units of ``todo`` (claims refreshed), trying them from position ``start`` on (ranks
+    start apart)."""
     wave: list[Unit] = []
     for i in range(len(todo)):
         unit = todo[(start + i) % len(todo)]
         if not claims.try_claim(*unit):
             continue
-        if store.read_record(objs, *unit, fresh=True) is not None:  # written meanwhile by the claim's last holder
+        if store.read_record(objs, *unit, fresh=True) is not None:  # finished meanwhile (after this round's listing)
             claims.release(*unit)
             continue
         log_unit(claims.owner, unit, "claimed")
@@ -81,18 +83,21 @@ def _compute(cfg: Config, model, device: torch.device, group, manifests: tuple[M
 
 
 def _fill(cfg: Config, model, env: distributed.DistEnv, group, manifest: Manifest, claims: store.Claims,
-          batch_size: int, workers: int, progress: bool, costs: Costs) -> tuple[int, int]:
+          batch_size: int, workers: int, progress: bool, costs: Costs, done: store.Done) -> tuple[int, int]:
     """Claim, compute and write units until none is left without a record, packing every stored epoch as it
     completes; returns the units this process wrote and the epochs it packed. Units and epochs other processes
-    hold are waited for: their claims either end in a record or expire."""
+    hold are waited for: their claims either end in a record or die. Each round lists the done records and the
+    claims once (two listings), whatever the number of units."""
     spec, objs, full = store.spec_of(group), store.objects_of(group), load_manifest(cfg.data.shards)
-    todo = pending(group, spec)
-    total, wave_size, written, packs = _images(full, todo), 2 * max(workers, 1), 0, 0
+    todo = [u for u in pending(spec, done) if claims.wants(u)]
+    total, wave_size, written, packs = _images(full, todo), max(4, 2 * workers), 0, 0
     with progress_bar(total, f"teacher {cfg.teacher.model}", "im", progress) as bar:
         while True:
-            packed = pack_ready(group, claims)
+            claims.refresh()
+            packed = pack_ready(group, spec, claims, done)
             packs += packed
-            if not todo and not store.unpacked_complete(group):
+            if not todo and not packed and not [e for e in done.unpacked_complete(spec.epochs, spec.n_shards)
+                                                if claims.wants(("pack", e, 0))]:
                 break
             wave = _claim_wave(claims, objs, todo, wave_size, env.rank * len(todo) // env.world) if todo else []
             if wave:
@@ -101,7 +106,8 @@ def _fill(cfg: Config, model, env: distributed.DistEnv, group, manifest: Manifes
                 written += len(wave)
             elif not packed:  # everything left is another process's, for now
                 time.sleep(min(2.0, claims.ttl / 4))
-            todo = pending(group, spec)
+            done = store.listing(objs)
+            todo = [u for u in pending(spec, done) if claims.wants(u)]
             bar.update(max(0, total - _images(full, todo) - bar.n))  # what every process has written
     return written, packs
 
@@ -113,13 +119,18 @@ def run(
     batch_size: int | None = None,
     progress: bool = True,
     device: str = "auto",
+    part: tuple[int, int] | None = None,
 ) -> Path:
-    """Fill ``cfg.store.path`` with every unit not yet done (alone, or together with other processes)."""
+    """Fill ``cfg.store.path`` with every unit not yet done (alone, or together with other processes); with ``part``
+    (i, n), only the units of static part i of n, without claims (it then packs only the stored epochs of its part
+    that are complete when it finishes: a later run packs the rest)."""
     use_storage_options(cfg.storage_options)
     env = distributed.setup(device)
+    if part is not None and env.world > 1:
+        part = (part[0] * env.world + env.rank, part[1] * env.world)  # torchrun ranks split the part again
     try:
         return _run(cfg, env, cfg.teacher.workers if workers is None else workers,
-                    batch_size or cfg.teacher.batch_size, progress and env.is_main)
+                    batch_size or cfg.teacher.batch_size, progress and env.is_main, part)
     except OSError as e:
         if e.errno is not None and e.filename is None:  # a write() that failed (a full disk): name the store
             raise OSError(e.errno, e.strerror or str(e), str(cfg.store.path)) from e
@@ -128,7 +139,22 @@ def run(
         distributed.teardown()
 
 
-def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, progress: bool) -> Path:
+def _claims(cfg: Config, objs: store.Objects, spec: store.StoreSpec, part: tuple[int, int] | None,
+            done: store.Done) -> store.Claims:
+    """How this writer shares the store's units: claims with the other writers, or its static ``part`` (i, n).
+    Claims need exclusive creates: on a storage that ignores them, cooperating writers are refused."""
+    if part is not None:
+        return store.StaticPart(objs, *part)
+    if not objs.local and pending(spec, done) and not store.conditional_writes_hold(objs):
+        raise DistillError(
+            f"logit store {cfg.store.path}: the storage ignores conditional writes (If-None-Match), so writers cannot "
+            "claim units exclusively and two could compute one unit; run a single writer, or split the units "
+            "statically: `distill teacher --part I/N` for I = 0 .. N-1 (one per job-array task)")
+    return store.Claims(objs, ttl=cfg.teacher.claim_ttl)
+
+
+def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, progress: bool,
+         part: tuple[int, int] | None) -> Path:
     manifest = open_shards(cfg)
     cfg = resolve_teacher(cfg)
     model, sha = load_teacher(cfg.teacher, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
@@ -142,18 +168,18 @@ def _run(cfg: Config, env: distributed.DistEnv, workers: int, batch_size: int, p
     group = store.create_store(path, store_spec(cfg, manifest), prov)
     record_canary(group, pool)
     require_same_views(group, str(path), fresh=canary, say=print if env.is_main else lambda _: None)
-    spec = store.spec_of(group)
-    store.tidy(group)
-    drop_damaged_units(group, spec, env.rank, env.world, progress)
-    done = int(store.done_mask(group).sum() + sum(store.val_done_mask(group, s).sum() for s in store.VIEW_SPLITS))
-    if env.is_main and done:
-        print(f"teacher: {done} unit(s) already done in {path}, skipping them")
+    spec, objs = store.spec_of(group), store.objects_of(group)
+    done = store.listing(objs)
+    store.tidy(group, done)
+    if drop_damaged_units(group, spec, done, env.rank, env.world, progress):
+        done = store.listing(objs)
+    n_done = sum(len(done.split(sp, spec.n_shards)) for sp in ("train", *store.VIEW_SPLITS))
+    if env.is_main and n_done:
+        print(f"teacher: {n_done} unit(s) already done in {path}, skipping them")
     t0, costs = time.perf_counter(), {}
-    with store.Claims(store.objects_of(group), ttl=cfg.teacher.claim_ttl) as claims:
-        written, packs = _fill(cfg, model, env, group, manifest, claims, batch_size, workers, progress, costs)
+    with _claims(cfg, objs, spec, part, done) as claims:
+        written, packs = _fill(cfg, model, env, group, manifest, claims, batch_size, workers, progress, costs, done)
     elapsed = time.perf_counter() - t0
-    if written or packs:  # a store that was complete is only read (it may live on read-only storage)
-        store.finalize(path)
     parts = ", ".join(f"{sp} {int(n)} images in {sec:.1f} s" for sp, (n, sec) in costs.items())
     print(f"teacher: wrote {written} unit(s) on rank {env.rank} in {elapsed:.0f} s "
           f"({claims.taken_over} taken over from writers that stopped) -> {path}" + (f"; {parts}" if parts else ""))

@@ -96,11 +96,21 @@ class Collector:
             raise DistillError(f"teacher output for {self.split} unit (epoch {epoch}, shard {shard}): {e}; "
                              "check the teacher checkpoint and the normalisation (aug.mean/std)") from e
         targets = dict(topk_logits=topk_logits, topk_classes=topk_classes, logsumexp=lse, label=buf.label)
+
+        def fence() -> None:  # right before the done record: a writer that lost its claim marks nothing done
+            if not self.claims.fence(self.split, epoch, shard):
+                raise store.ClaimLost(f"logit store {self.path}: {self.split} unit (epoch {epoch}, shard {shard}) "
+                                      "was taken over by another writer while this one computed it")
         try:
             if self.split == "train":
-                store.write_train_unit(self.group, epoch, shard, plan=(buf.partner, buf.kind, buf.lam), **targets)
+                store.write_train_unit(self.group, epoch, shard, plan=(buf.partner, buf.kind, buf.lam), fence=fence,
+                                       **targets)
             else:
-                store.write_val_unit(self.group, shard, split=self.split, **targets)
+                store.write_val_unit(self.group, shard, split=self.split, fence=fence, **targets)
+        except store.ClaimLost as e:
+            print(f"teacher: {e}; not marking it done")
+            log_unit(self.claims.owner, (self.split, epoch, shard), "lost")
+            return
         except OSError as e:  # disk full, permission denied, a read-only store
             raise DistillError(f"logit store {self.path}: cannot write {self.split} unit (epoch {epoch}, shard "
                              f"{shard}): {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from e
@@ -114,21 +124,21 @@ class Collector:
             raise DistillError(f"{self.split} units ended incomplete: {left}")
 
 
-def pending(group, spec: store.StoreSpec) -> list[Unit]:
-    """Every unit without a done record: train units by epoch then shard, then val (two listings)."""
-    done = store.done_mask(group)
-    views = {split: store.val_done_mask(group, split) for split in ("val", "clean")}
-    return ([("train", e, s) for e in range(spec.epochs) for s in range(spec.n_shards) if not done[e, s]]
-            + [(split, 0, s) for split, d in views.items() for s in np.flatnonzero(~d).tolist()])
+def pending(spec: store.StoreSpec, done: store.Done) -> list[Unit]:
+    """Every unit without a done record: train units by epoch then shard, then val and the clean pass."""
+    train = done.split("train", spec.n_shards)
+    views = [(split, 0, s) for split in store.VIEW_SPLITS for s in range(len(spec.view_ranges(split)))
+             if (0, s) not in done.split(split, 0)]
+    return [("train", e, s) for e in range(spec.epochs) for s in range(spec.n_shards) if (e, s) not in train] + views
 
 
-def drop_damaged_units(group, spec: store.StoreSpec, rank: int, world: int, progress: bool) -> list[Unit]:
+def drop_damaged_units(group, spec: store.StoreSpec, done: store.Done, rank: int, world: int,
+                       progress: bool) -> list[Unit]:
     """Read back every done unit (this rank's share) and drop the done mark of each damaged one, so it is computed
     again: a staged unit loses its record; a packed epoch goes back to staged units, all but the damaged;
     returns the damaged units."""
-    units = [("train", int(e), int(s)) for e, s in np.argwhere(store.done_mask(group))]
-    for split in ("val", "clean"):
-        units += [(split, 0, int(s)) for s in np.flatnonzero(store.val_done_mask(group, split))]
+    units = [("train", e, s) for e, s in sorted(done.split("train", spec.n_shards))]
+    units += [(split, 0, s) for split in store.VIEW_SPLITS for _, s in sorted(done.split(split, 0))]
     # dealt by the unit's own place in the store, not by its place in this rank's listing: ranks list at
     # different moments (a late one sees more units done), and every unit must be checked by exactly one
     place = {"train": 0, "val": spec.epochs * spec.n_shards}
@@ -143,7 +153,7 @@ def drop_damaged_units(group, spec: store.StoreSpec, rank: int, world: int, prog
                 print(f"teacher: {err}; computing it again")
                 damaged.append((split, e, s))
             bar.update(1)
-    objs, packed = store.objects_of(group), store.packed_epochs(group)
+    objs, packed = store.objects_of(group), set(done.packed)
     for split, e, s in damaged:
         if split == "train" and e in packed:
             store.unpack_epoch(group, e, {d for sp, ep, d in damaged if sp == "train" and ep == e})
@@ -152,11 +162,12 @@ def drop_damaged_units(group, spec: store.StoreSpec, rank: int, world: int, prog
     return damaged
 
 
-def pack_ready(group, claims: store.Claims) -> int:
-    """Pack every stored epoch that is complete and whose packing this process can claim; returns how many."""
+def pack_ready(group, spec: store.StoreSpec, claims: store.Claims, done: store.Done) -> int:
+    """Pack every stored epoch that ``done`` shows complete and whose packing this process can claim (claims
+    refreshed); returns how many."""
     n = 0
-    for epoch in store.unpacked_complete(group):
-        if not claims.try_claim("pack", epoch, 0):
+    for epoch in done.unpacked_complete(spec.epochs, spec.n_shards):
+        if not claims.wants(("pack", epoch, 0)) or not claims.try_claim("pack", epoch, 0):
             continue
         try:
             if epoch in store.unpacked_complete(group):  # not packed by the claim's last holder meanwhile

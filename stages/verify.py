@@ -19,7 +19,7 @@ from pipeline.core.config import AugConfig, Config
 from pipeline.core.errors import DistillError
 from pipeline.core.files import use_storage_options
 from pipeline.core.progress import progress_bar
-from pipeline.data.shards import Manifest, open_shards, shard_samples
+from pipeline.data.shards import Manifest, open_shards, shard_positions
 from pipeline.train.distributed import resolve_device
 from pipeline.train.models import load_teacher, resolve_teacher, teacher_forward
 from pipeline.train.run_store import store_provenance
@@ -193,7 +193,9 @@ def _report(cfg: Config, samples: int, seed: int, device: str, progress: bool, v
     max_diff = 0.0
     for (e, s), idx in sorted(_picks(manifest, good, samples, seed).items()) if good else []:
         plan = epoch_plan(cfg.aug, cfg.seed, e, s, *ranges[s])
-        views = replay_indices(shard_samples(manifest, "train", s), plan, sorted(idx), aug=cfg.aug, seed=cfg.seed)
+        needed = sorted(set(idx) | {int(plan.partner[i - plan.start]) for i in idx})  # and their partners: by range
+        samples = shard_positions(manifest, "train", s, [i - plan.start for i in needed])
+        views = replay_indices(samples, plan, sorted(idx), aug=cfg.aug, seed=cfg.seed)
         order = sorted(views)
         logits = teacher_forward(model, torch.stack([views[i] for i in order]), dev).numpy()
         unit = store.read_train_unit(group, e, s)

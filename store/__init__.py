@@ -5,7 +5,7 @@ against the done record its writer left (``store.records``); writers coordinate 
 (``store.claims``).
 """
 
-from store.claims import Claims
+from store.claims import ClaimLost, Claims, StaticPart, conditional_writes_hold
 from store.create import annotate, create_store, finalize, open_store
 from store.describe import describe
 from store.frames import split_probs, train_frame, val_frame
@@ -32,12 +32,13 @@ from store.reader import (
     ValUnit,
     done_mask,
     packed_epochs,
+    read_train_rows,
     read_train_unit,
     read_val,
     read_val_unit,
     val_done_mask,
 )
-from store.records import delete_record, plan_digest, read_record
+from store.records import Done, delete_record, listing, plan_digest, read_record
 from store.targets import dense_soft_target, stored_probs, tail_mass, topk_from_logits
 from store.writer import write_train_unit, write_val_unit
 
@@ -56,7 +57,11 @@ __all__ = [
     "KIND_MIXUP",
     "KIND_NAMES",
     "KIND_NONE",
+    "ClaimLost",
+    "StaticPart",
+    "conditional_writes_hold",
     "Claims",
+    "Done",
     "DamagedUnit",
     "MissingUnit",
     "Objects",
@@ -69,6 +74,7 @@ __all__ = [
     "array_layout",
     "create_store",
     "delete_record",
+    "listing",
     "dense_soft_target",
     "describe",
     "done_mask",
@@ -77,6 +83,7 @@ __all__ = [
     "objects_of",
     "open_store",
     "read_record",
+    "read_train_rows",
     "read_train_unit",
     "read_val",
     "read_val_unit",

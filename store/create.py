@@ -10,6 +10,7 @@ reopens it (resume); a store of another run is refused by ProvenanceMismatch nam
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,10 @@ from store.provenance import IDENTITY_FIELDS, StoreError, check_identity, differ
 
 def _open(path: str | Path, mode: str, storage_options: dict[str, Any] | None, **kw: Any) -> zarr.Group:
     """zarr's group at a local path (a Path) or a URL (a string, through fsspec)."""
-    if not is_url(path):
-        return zarr.open_group(Path(local_path(path)), mode=mode, **kw)
+    if not is_url(path):  # zarr_format 3: no probing for version 2 metadata (three requests each on a bucket)
+        return zarr.open_group(Path(local_path(path)), mode=mode, zarr_format=3, **kw)
     opts = {"storage_options": storage_options} if storage_options else {}
-    return zarr.open_group(str(path), mode=mode, **opts, **kw)
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, **opts, **kw)
 
 
 def finalize(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
@@ -74,6 +75,23 @@ def _ensure_arrays(root: zarr.Group, spec: StoreSpec) -> bool:
     return created
 
 
+def _write_hierarchy(objs: Any, spec: StoreSpec, attributes: dict[str, Any]) -> None:
+    """The creator's way: every node's metadata made in memory (zarr's own create_array, consolidated), then put
+    whole, one object each, the root (with the consolidated metadata) last. On an object store this costs a PUT per
+    node, not zarr's probing of every path (a HEAD and a listing each) before it creates a node."""
+    docs: dict[str, Any] = {}
+    mem = zarr.storage.MemoryStore(docs)
+    root = zarr.open_group(mem, mode="w", zarr_format=3, attributes=attributes)
+    for name, a in array_layout(spec).items():
+        root.create_array(name, shape=a.shape, chunks=a.chunks, shards=a.shards, dtype=a.dtype,
+                          fill_value=no_data(a.dtype), **codecs_for(spec.codec, spec.level, a.holds, a.dtype))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(mem)
+    for key in sorted(docs, key=lambda k: k == "zarr.json"):
+        objs.put(key, docs[key].to_bytes())
+
+
 def _foreign(root: Path) -> bool:
     """A folder that holds files but no store: not ours to write into. (Another writer creating the store at this
     moment has at most its temporary file there before ``zarr.json`` appears.)"""
@@ -96,14 +114,30 @@ def create_store(path: str | Path, spec: StoreSpec, provenance: dict[str, Any],
     # a store that exists is only read (it may be complete on read-only storage); a new one is created by exactly one
     # of the writers racing for it
     created = objs.get("zarr.json") is None and objs.put("zarr.json", json.dumps(meta).encode(), exclusive=True)
-    root = _open(path, "r+", storage_options, use_consolidated=False)
+    if created:
+        _write_hierarchy(objs, spec, meta["attributes"])
+        return _open(path, "r+", storage_options, use_consolidated=True)
+    root = _await_creator(path, storage_options)  # another writer's store: its consolidated metadata says it all
     attrs = root.attrs.asdict()
-    if not created:
-        _check_attrs(path, attrs, spec, prov)
-    # The arrays keep the codec they were created with: ensure them from the stored spec.
-    if _ensure_arrays(root, StoreSpec.from_dict(attrs["spec"])) or created:
-        finalize(path, storage_options)
-    return root
+    _check_attrs(path, attrs, spec, prov)
+    stored = StoreSpec.from_dict(attrs["spec"])
+    if all(name in root for name in array_layout(stored)):
+        return root
+    root = _open(path, "r+", storage_options, use_consolidated=False)  # a creation cut short: what is missing
+    _ensure_arrays(root, stored)
+    finalize(path, storage_options)
+    return _open(path, "r+", storage_options, use_consolidated=True)
+
+
+def _await_creator(path: str | Path, storage_options: dict[str, Any] | None, wait: float = 60.0) -> zarr.Group:
+    """The store another writer is creating, once its root carries the consolidated metadata (the creator writes it
+    last), or after ``wait`` seconds (a creator that died: the caller completes the store)."""
+    deadline = time.monotonic() + wait
+    while True:
+        root = _open(path, "r+", storage_options, use_consolidated=None)
+        if root.metadata.consolidated_metadata is not None or time.monotonic() > deadline:
+            return root
+        time.sleep(0.5)
 
 
 def open_store(path: str | Path, expected: dict[str, Any] | None = None,

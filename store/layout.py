@@ -13,6 +13,7 @@ unit's done mark is its record (:mod:`store.records`), written after its arrays.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -58,6 +59,9 @@ class StoreSpec:
     ``data.train_shards`` run leaves out), labelled once for the label audit."""
     codec: str = "zstd"
     level: int = 3
+    block: int | None = None
+    """Rows per chunk of the packed arrays (a reader fetches whole blocks): divides every shard; None, the shard
+    size (stores written before blocks: one chunk per unit)."""
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but store tuples, so specs compare and hash alike.
@@ -96,6 +100,10 @@ class StoreSpec:
         return max(b - a for a, b in self.train_ranges)
 
     @property
+    def block_rows(self) -> int:
+        return self.block or self.shard_size
+
+    @property
     def val_shard_size(self) -> int:
         return max((b - a for a, b in self.val_ranges), default=1)
 
@@ -108,7 +116,11 @@ class StoreSpec:
         return {"val": self.val_ranges, "clean": self.clean_ranges}[split]
 
     def to_dict(self) -> dict[str, Any]:
-        return normalize(asdict(self))
+        """JSON-ready; a spec without blocks keeps the form stores written before blocks have."""
+        d = normalize(asdict(self))
+        if d.get("block") is None:
+            d.pop("block", None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoreSpec:
@@ -151,6 +163,8 @@ def validate_spec(spec: StoreSpec) -> None:
     if not lo <= spec.level <= hi:
         raise ValueError(f"StoreSpec.level for codec {spec.codec!r} must be in [{lo}, {hi}], got {spec.level}")
     _check_ranges("train_ranges", spec.train_ranges, allow_empty=False)
+    if spec.block is not None and (spec.block < 1 or spec.shard_size % spec.block):
+        raise ValueError(f"StoreSpec.block {spec.block} must divide the shard size {spec.shard_size}")
     _check_ranges("val_ranges", spec.val_ranges, allow_empty=True)
     _check_ranges("clean_ranges", spec.clean_ranges, allow_empty=True)
 
@@ -209,18 +223,17 @@ VIEW_SPLITS = ("val", "clean")
 def array_layout(spec: StoreSpec) -> dict[str, ArraySpec]:
     """Every array of the store. Float16 logits are stored as their bits (uint16), so a delta filter codes
     them without loss; fill values: :func:`no_data`."""
-    E, N, k, s, S = spec.epochs, spec.n_train, spec.k, spec.shard_size, spec.n_shards
+    E, N, k, s, S, b = spec.epochs, spec.n_train, spec.k, spec.shard_size, spec.n_shards, spec.block_rows
     lab, bits, f32 = spec.label_dtype, np.dtype(np.uint16), np.dtype(np.float32)
     per_epoch = {
-        "topk_logits": ((E, N, k), (1, s, k), bits, "logits"),
-        "topk_classes": ((E, N, k), (1, s, k), lab, "classes"),
-        "logsumexp": ((E, N), (1, s), f32, "values"),
+        "topk_logits": ((E, N, k), (k,), bits, "logits"),
+        "topk_classes": ((E, N, k), (k,), lab, "classes"),
+        "logsumexp": ((E, N), (), f32, "values"),
     }
     out: dict[str, ArraySpec] = {}
-    for name, (shape, chunks, dtype, holds) in per_epoch.items():
-        out[f"{STAGE}/train/{name}"] = ArraySpec(shape, chunks, dtype, None, holds)
-        shards = (1, S * s) + chunks[2:]
-        out[f"train/{name}"] = ArraySpec(shape, chunks, dtype, shards, holds)
+    for name, (shape, tail, dtype, holds) in per_epoch.items():
+        out[f"{STAGE}/train/{name}"] = ArraySpec(shape, (1, s, *tail), dtype, None, holds)  # a chunk per unit
+        out[f"train/{name}"] = ArraySpec(shape, (1, b, *tail), dtype, (1, S * s, *tail), holds)  # blocks, by epoch
     out["train/label"] = ArraySpec((N,), (s,), lab, None, "classes")
     for split in VIEW_SPLITS:
         ranges = spec.view_ranges(split)
@@ -230,6 +243,23 @@ def array_layout(spec: StoreSpec) -> dict[str, ArraySpec]:
         out[f"{split}/logsumexp"] = ArraySpec((n,), (size,), f32, None, "values")
         out[f"{split}/label"] = ArraySpec((n,), (size,), lab, None, "classes")
     return out
+
+
+_ARRAYS: dict[int, tuple[weakref.ref, dict[str, zarr.Array]]] = {}
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The group's array ``name``, looked up once per open group (zarr fetches an array's metadata at every
+    ``group[name]``; groups are not hashable: keyed by id, with a weak reference to tell a reused id apart)."""
+    ref, arrays = _ARRAYS.get(id(group), (None, None))
+    if ref is None or ref() is not group:
+        if len(_ARRAYS) > 64:  # a long-lived process opening many stores
+            _ARRAYS.clear()
+        ref, arrays = weakref.ref(group), {}
+        _ARRAYS[id(group)] = (ref, arrays)
+    if name not in arrays:
+        arrays[name] = group[name]
+    return arrays[name]
 
 
 def spec_of(group: zarr.Group) -> StoreSpec:

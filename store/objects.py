@@ -84,6 +84,8 @@ def write_object(fs: Any, path: str, data: bytes | memoryview, *, exclusive: boo
     except FileExistsError:
         return False
     except OSError as e:
+        if exclusive and "ConditionalRequestConflict" in str(e):  # S3's 409: another conditional write raced ours
+            return False
         raise _named(e, f"{fs.unstrip_protocol(path)}") from e
     return True
 
@@ -94,9 +96,14 @@ def write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
     write_object(fs, p, data)
 
 
+def _whole(fs: Any, path: str) -> bytes:
+    """A whole object in one GET (a plain ``cat_file`` asks an object store for its size first)."""
+    return fs.cat_file(path, start=0)
+
+
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
     fs, p = filesystem(path)
-    return fs.cat_file(p)
+    return _whole(fs, p)
 
 
 def read_range(path: str | os.PathLike[str], start: int, end: int) -> bytes:
@@ -126,7 +133,15 @@ class Objects:
     def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when there is none."""
         try:
-            return self.fs.cat_file(self.path(key))
+            return _whole(self.fs, self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def get_range(self, key: str, start: int, end: int | None = None) -> bytes | None:
+        """Bytes ``start .. end - 1`` of an object (a negative ``start``: its last ``-start`` bytes), one ranged
+        GET; None when there is no object."""
+        try:
+            return self.fs.cat_file(self.path(key), start=start, end=end)
         except FileNotFoundError:
             return None
 
@@ -149,6 +164,19 @@ class Objects:
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
         return {p[len(root):]: int(info.get("size") or 0) for p, info in found.items()
                 if p.startswith(root) and not p.endswith(".tmp")}
+
+    def versions(self, prefix: str) -> dict[str, str]:
+        """Every object under ``prefix`` with what changes whenever it is rewritten (an object store's ETag; a local
+        file's modification time and inode), in one listing never served from a cache."""
+        base = self.path(prefix).rstrip("/")
+        self.fs.invalidate_cache(base)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        return {p[len(root):]: str(info.get("ETag") or info.get("etag") or f"{info.get('mtime')}:{info.get('ino')}")
+                for p, info in found.items() if p.startswith(root) and not p.endswith(".tmp")}
 
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (one listing, recursive), relative to the root, sorted."""

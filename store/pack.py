@@ -13,13 +13,16 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from store.layout import STAGE, TRAIN_TARGETS, spec_of
+from store.blocks import packed_key, table_key, write_table
+from store.layout import STAGE, TRAIN_TARGETS, array, spec_of
 from store.objects import objects_of
 from store.reader import MissingUnit, _unit_arrays, _where, done_mask, packed_epochs
 from store.records import (
     DamagedUnit,
+    Done,
     delete_record,
     forget_epoch,
+    listing,
     read_record,
     unit_body,
     write_epoch_record,
@@ -36,26 +39,19 @@ def unpacked_complete(group: zarr.Group) -> list[int]:
 def _staged_keys(group: zarr.Group, epoch: int, shard: int) -> list[str]:
     keys = []
     for name in TRAIN_TARGETS:
-        arr = group[f"{STAGE}/train/{name}"]
+        arr = array(group, f"{STAGE}/train/{name}")
         coords = (epoch, shard) + (0,) * (arr.ndim - 2)
         keys.append(f"{STAGE}/train/{name}/{arr.metadata.encode_chunk_key(coords)}")
     return keys
 
 
-def _packed_keys(group: zarr.Group, epoch: int) -> list[str]:
-    """The object of each packed array of one stored epoch (zarr's sharding: one shard per array and epoch)."""
-    keys = []
-    for name in TRAIN_TARGETS:
-        arr = group[f"train/{name}"]
-        keys.append(f"train/{name}/{arr.metadata.encode_chunk_key((epoch,) + (0,) * (arr.ndim - 1))}")
-    return keys
-
-
 def _drop_packed(group: zarr.Group, epoch: int) -> None:
-    """Delete a stored epoch's packed objects: zarr would read a damaged one back before overwriting it."""
+    """Delete a stored epoch's packed objects and block table: zarr would read a damaged object back before
+    overwriting it."""
     objs = objects_of(group)
-    for key in _packed_keys(group, epoch):
-        objs.delete(key)
+    objs.delete(table_key(epoch))
+    for name in TRAIN_TARGETS:
+        objs.delete(packed_key(group, name, epoch))
 
 
 def _drop_staged(group: zarr.Group, epoch: int) -> None:
@@ -81,18 +77,19 @@ def pack_epoch(group: zarr.Group, epoch: int) -> None:
             columns[name].append(arrays[name])
         records[shard] = {"rows": list(record.rows), "digests": record.digests, "plan": record.plan}
     _drop_packed(group, epoch)  # what a packer killed half-way, or a damaged copy, left: written anew, whole
+    columns = {name: np.concatenate(parts) for name, parts in columns.items()}
     for name in TRAIN_TARGETS:
-        group[f"train/{name}"][epoch] = np.concatenate(columns[name])  # one writer writes the epoch's object whole
+        array(group, f"train/{name}")[epoch] = columns[name]  # one writer writes the epoch's object whole
+    write_table(group, epoch, columns, [records[s]["plan"] for s in range(spec.n_shards)])
     write_epoch_record(objs, epoch, records)
     _drop_staged(group, epoch)
 
 
-def tidy(group: zarr.Group) -> None:
-    """Delete the unit records and staged chunks that a packer killed after its epoch record left behind."""
-    objs = objects_of(group)
-    staged = {e for key in objs.list("done/train") if "-s" in key.rsplit("/", 1)[-1]
-              for e in [int(key.rsplit("/", 1)[-1][1:7])]}
-    for epoch in sorted(staged & packed_epochs(group)):
+def tidy(group: zarr.Group, done: Done | None = None) -> None:
+    """Delete the unit records and staged chunks that a packer killed after its epoch record left behind
+    (``done``: a listing of the done records just made)."""
+    done = done if done is not None else listing(objects_of(group))
+    for epoch in sorted(done.leftovers()):
         _drop_staged(group, epoch)
 
 
@@ -120,6 +117,6 @@ def unpack_epoch(group: zarr.Group, epoch: int, damaged: set[int]) -> None:
             continue
         a, b = spec.train_ranges[shard]
         for name in TRAIN_TARGETS:
-            group[f"{STAGE}/train/{name}"][epoch, a:b] = arrays[name]
+            array(group, f"{STAGE}/train/{name}")[epoch, a:b] = arrays[name]
         write_record(objs, "train", epoch, shard, unit_body((a, b), arrays, record.plan))
     _drop_packed(group, epoch)  # restaged: the packed copy (maybe damaged) is no longer any unit's

@@ -8,7 +8,6 @@ and the array) when a chunk is missing, damaged or from another unit.
 from __future__ import annotations
 
 import os
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +15,9 @@ from typing import Any
 import numpy as np
 import zarr
 
+from store.blocks import read_rows
 from store.create import open_store
-from store.layout import STAGE, TRAIN_TARGETS, VAL_TARGETS, no_data, spec_of
+from store.layout import STAGE, TRAIN_TARGETS, VAL_TARGETS, array, no_data, spec_of
 from store.objects import objects_of
 from store.provenance import ProvenanceMismatch, StoreError
 from store.records import DamagedUnit, Record, digest, done_units, mask, read_record
@@ -32,6 +32,7 @@ __all__ = [
     "done_mask",
     "packed_epochs",
     "open_store",
+    "read_train_rows",
     "read_train_unit",
     "read_val",
     "read_val_unit",
@@ -52,7 +53,7 @@ class TrainUnit:
     topk_logits: np.ndarray  # (n, k) float32 (stored as float16)
     topk_classes: np.ndarray  # (n, k)
     logsumexp: np.ndarray  # (n,) float32, full logits at temperature 1
-    label: np.ndarray  # (n,) true labels
+    label: np.ndarray | None  # (n,) true labels (None from a read of a few rows: the labels are not fetched)
     plan: str | None  # digest of the mix plan the teacher replayed (store.records.plan_digest)
 
     @property
@@ -80,23 +81,6 @@ def _where(group: zarr.Group, split: str, epoch: int, shard: int) -> str:
     return f"logit store {objects_of(group).root}: {split} unit ({unit})"
 
 
-_ARRAYS: dict[int, tuple[weakref.ref, dict[str, zarr.Array]]] = {}
-
-
-def _array(group: zarr.Group, name: str) -> zarr.Array:
-    """The group's array ``name``, looked up once per open group (groups are not hashable: keyed by id, with a
-    weak reference to tell a reused id apart)."""
-    ref, arrays = _ARRAYS.get(id(group), (None, None))
-    if ref is None or ref() is not group:
-        if len(_ARRAYS) > 64:  # a long-lived process opening many stores
-            _ARRAYS.clear()
-        ref, arrays = weakref.ref(group), {}
-        _ARRAYS[id(group)] = (ref, arrays)
-    if name not in arrays:
-        arrays[name] = group[name]
-    return arrays[name]
-
-
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
@@ -112,7 +96,7 @@ def _read(group: zarr.Group, reads: dict[str, tuple[str, Any]], where: str) -> d
     """Every ``name: (array, selection)`` at once (zarr's event loop fetches and decodes them concurrently: one
     round trip of latency on an object store, not eight); a chunk zarr cannot read is a DamagedUnit naming the
     array."""
-    futures = {name: _pool().submit(_array(group, path).__getitem__, sel) for name, (path, sel) in reads.items()}
+    futures = {name: _pool().submit(array(group, path).__getitem__, sel) for name, (path, sel) in reads.items()}
     out = {}
     for name, future in futures.items():
         path = reads[name][0]
@@ -202,6 +186,33 @@ def read_train_unit(group: zarr.Group, epoch: int, shard: int) -> TrainUnit:
     a, b = spec.train_ranges[shard]
     return TrainUnit(epoch, shard, a, b, arrays["topk_logits"].view(np.float16).astype(np.float32),
                      arrays["topk_classes"], arrays["logsumexp"], arrays["label"], record.plan)
+
+
+def read_train_rows(group: zarr.Group, epoch: int, shard: int, lo: int, hi: int,
+                    packed: bool | None = None) -> TrainUnit:
+    """Rows ``lo .. hi - 1`` (global indices inside the unit) of one (epoch, shard) unit, checked: from a packed
+    epoch, only the blocks they fall in (:mod:`store.blocks`: a handful of range requests, no record, labels not
+    fetched); otherwise the whole unit, checked against its record, cut to the rows. ``packed``: whether the
+    epoch is packed, when the caller knows (from its listing of the done records); None: read the record."""
+    spec = spec_of(group)
+    a, b = spec.train_ranges[shard]
+    if not a <= lo < hi <= b:
+        raise StoreError(f"read_train_rows: rows [{lo}, {hi}) are not in shard {shard}'s [{a}, {b})")
+    where = _where(group, "train", epoch, shard)
+    if packed is None:
+        record = read_record(objects_of(group), "train", epoch, shard)
+        if record is None:
+            raise MissingUnit(f"{where}: no data (not marked done); re-run the teacher stage to fill it")
+        packed = record.packed
+    found = read_rows(group, epoch, lo, hi, where) if packed else None
+    if found is None:  # staged, or packed before block tables: the whole unit
+        u = read_train_unit(group, epoch, shard)
+        cut = slice(lo - a, hi - a)
+        return TrainUnit(epoch, shard, lo, hi, u.topk_logits[cut], u.topk_classes[cut], u.logsumexp[cut],
+                         u.label[cut], u.plan)
+    arrays, plan = found
+    return TrainUnit(epoch, shard, lo, hi, arrays["topk_logits"].view(np.float16).astype(np.float32),
+                     arrays["topk_classes"], arrays["logsumexp"], None, plan)
 
 
 def read_val_unit(group: zarr.Group, shard: int, split: str = "val") -> ValUnit:

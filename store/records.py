@@ -146,20 +146,52 @@ def delete_record(objs: Objects, split: str, epoch: int, shard: int) -> None:
     objs.delete(unit_key(split, epoch, shard))
 
 
-def done_units(objs: Objects, split: str, shards: int) -> tuple[set[tuple[int, int]], set[int]]:
-    """((epoch, shard) of every unit of ``split`` with a unit record, the packed epochs): one listing."""
-    units, packed = set(), set()
-    for key in objs.list(f"{DONE}/{split}"):
-        name = key.rsplit("/", 1)[-1]
-        if not (name.startswith("e") and name.endswith(".json")):
+@dataclass(frozen=True)
+class Done:
+    """What one listing of ``done/`` says: the units with a unit record (by split), the packed stored epochs."""
+
+    units: dict[str, set[tuple[int, int]]]
+    packed: set[int]
+
+    def split(self, split: str, shards: int) -> set[tuple[int, int]]:
+        """(epoch, shard) of every done unit of ``split`` (a packed epoch's every shard)."""
+        out = set(self.units.get(split, set()))
+        if split == "train":
+            out |= {(e, s) for e in self.packed for s in range(shards)}
+        return out
+
+    def unpacked_complete(self, epochs: int, shards: int) -> list[int]:
+        """Stored epochs whose units are all done but that are not packed yet."""
+        staged = self.units.get("train", set())
+        return [e for e in range(epochs) if e not in self.packed and all((e, s) in staged for s in range(shards))]
+
+    def leftovers(self) -> set[int]:
+        """Packed epochs that still have unit records: what a packer killed after its epoch record left."""
+        return {e for e, _ in self.units.get("train", set())} & self.packed
+
+
+def listing(objs: Objects) -> Done:
+    """Every done record of the store, from one listing of ``done/``."""
+    units: dict[str, set[tuple[int, int]]] = {}
+    packed: set[int] = set()
+    for key in objs.list(DONE):
+        parts = key.split("/")
+        name = parts[-1]
+        if len(parts) != 3 or not (name.startswith("e") and name.endswith(".json")):
             continue
         stem = name[1:-5]
         e, _, s = stem.partition("-s")
         if s and e.isdigit() and s.isdigit():
-            units.add((int(e), int(s)))
-        elif not s and stem.isdigit():
+            units.setdefault(parts[1], set()).add((int(e), int(s)))
+        elif not s and stem.isdigit() and parts[1] == "train":
             packed.add(int(stem))  # anything else in done/ is no record of this store's: not counted
-    return units | {(e, s) for e in packed for s in range(shards)}, packed
+    return Done(units, packed)
+
+
+def done_units(objs: Objects, split: str, shards: int) -> tuple[set[tuple[int, int]], set[int]]:
+    """((epoch, shard) of every done unit of ``split``, the packed epochs): one listing."""
+    done = listing(objs)
+    return done.split(split, shards), done.packed
 
 
 def mask(units: Iterable[tuple[int, int]], epochs: int, shards: int) -> np.ndarray:

@@ -7,10 +7,12 @@ the units marked done, and a reader checks every unit against its record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import zarr
 
-from store.layout import KIND_CUTMIX, STAGE, TRAIN_TARGETS, StoreSpec, spec_of
+from store.layout import KIND_CUTMIX, STAGE, TRAIN_TARGETS, StoreSpec, array, spec_of
 from store.objects import objects_of
 from store.records import plan_digest, unit_body, write_record
 
@@ -73,12 +75,14 @@ def write_train_unit(
     logsumexp: np.ndarray,
     label: np.ndarray,
     plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> None:
     """Write rows [start, end) of one shard for one stored epoch (to ``stage/``), then its done record (last).
 
     Inputs are numpy arrays for exactly that shard's rows; they are checked (shape, dtype kind, value
     range, sort order) and cast to the store's dtypes. ``plan`` is the (partner, kind, λ) the teacher
-    replayed: only its digest is kept, for readers to check theirs against.
+    replayed: only its digest is kept, for readers to check theirs against. ``fence`` runs between the data and the
+    record, and stops the record by raising (a writer that lost its claim).
     """
     spec = spec_of(group)
     where = f"write_train_unit(epoch={epoch}, shard={shard})"
@@ -91,8 +95,10 @@ def write_train_unit(
     arrays = _targets(where, spec, end - start, topk_logits, topk_classes, logsumexp, label)
     body = unit_body((start, end), arrays, _plan(where, end - start, spec.n_train, plan))
     for name in TRAIN_TARGETS:
-        group[f"{STAGE}/train/{name}"][epoch, start:end] = arrays[name]
-    group["train/label"][start:end] = arrays["label"]  # the same values from every epoch: whole-object replaces
+        array(group, f"{STAGE}/train/{name}")[epoch, start:end] = arrays[name]
+    array(group, "train/label")[start:end] = arrays["label"]  # the same values from every epoch: whole-object replaces
+    if fence is not None:
+        fence()
     # last: the unit counts only once all its data is there, and the record says what that data is
     write_record(objects_of(group), "train", epoch, shard, body)
 
@@ -106,6 +112,7 @@ def write_val_unit(
     logsumexp: np.ndarray,
     label: np.ndarray,
     split: str = "val",
+    fence: Callable[[], None] | None = None,
 ) -> None:
     """Write one shard of evaluation views (``val``, or the ``clean`` pass over the training images: no
     augmentation, no epochs), then its done record (last)."""
@@ -118,5 +125,7 @@ def write_val_unit(
     where += f" rows [{start}, {end})"
     arrays = _targets(where, spec, end - start, topk_logits, topk_classes, logsumexp, label)
     for name, a in arrays.items():
-        group[f"{split}/{name}"][start:end] = a
+        array(group, f"{split}/{name}")[start:end] = a
+    if fence is not None:
+        fence()
     write_record(objects_of(group), split, 0, shard, unit_body((start, end), arrays))  # last

@@ -27,6 +27,7 @@ import gzip
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from pipeline.core.config import Config  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses (torchrun, dvc) the tests start
+os.environ.setdefault("DISTILL_CACHE", os.path.join(tempfile.gettempdir(), f"distill-test-cache-{os.getpid()}"))
+"""Ingest's stamps of the shards folders the tests make stay out of the user's cache."""
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:

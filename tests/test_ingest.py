@@ -15,12 +15,12 @@ import webdataset as wds
 from conftest import make_config, make_idx, make_imagefolder, write_idx
 from PIL import Image
 
+from pipeline.data.freshness import verify_shards
 from pipeline.data.shards import (
     FORMAT,
     ShardError,
     decode_sample,
     load_manifest,
-    verify_shards,
 )
 from stages import ingest
 from stages.ingest import IngestError

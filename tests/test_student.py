@@ -244,9 +244,9 @@ def test_training_epoch_t_reads_stored_epoch_t_mod_e(mixed, tmp_path, monkeypatc
     """4 training epochs over E = 2 stored ones read every shard of stored epochs 0, 1, 0, 1 in turn."""
     real, read = StoreJoin.__call__, []
 
-    def recording(self, plan):
+    def recording(self, plan, *rows):
         read.append((plan.view_epoch, plan.shard))
-        return real(self, plan)
+        return real(self, plan, *rows)
 
     monkeypatch.setattr(StoreJoin, "__call__", recording)
     student_stage.run(with_student(mixed, distillation="hard", output=tmp_path / "out"), progress=False, device="cpu")

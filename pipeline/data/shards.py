@@ -33,13 +33,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from pipeline.core.config import Config, canonical_hash
 from pipeline.core.errors import DistillError
-from pipeline.core.files import atomic_write_json, is_url, location, sha256_file, size
-from pipeline.data.shard_index import load_index, read_samples
+from pipeline.core.files import atomic_write_json, is_url, location
+from pipeline.data.shard_index import GAP, load_index, read_positions, read_samples
 from store.objects import local_path
 
 FORMAT = 2
@@ -278,39 +279,6 @@ def write_manifest(shards_dir: Path | str, body: dict[str, Any]) -> Manifest:
     return m
 
 
-def verify_shards(manifest: Manifest, split: str) -> None:
-    """Re-hash every shard file of the split (and its index); raises ShardError naming the first bad one."""
-    for s, path in zip(manifest.shards(split), manifest.shard_paths(split), strict=True):
-        try:
-            n = size(path)
-        except FileNotFoundError:
-            raise ShardError(f"{path}: shard file missing") from None
-        if n != s.size:
-            raise ShardError(f"{path}: size {n} bytes, manifest says {s.size}")
-        digest = sha256_file(path)
-        if digest != s.sha256:
-            raise ShardError(f"{path}: sha256 {digest} does not match the manifest ({s.sha256})")
-        index = manifest.file(s.index)
-        try:
-            ok = sha256_file(index) == s.index_sha256
-        except FileNotFoundError:
-            ok = False
-        if not ok:
-            raise ShardError(f"{index}: shard index missing or not the one the manifest lists")
-
-
-def shard_files_present(manifest: Manifest) -> bool:
-    """Every shard of every split exists with its recorded size (a cheap completeness check)."""
-    for split in manifest.splits:
-        for s, path in zip(manifest.shards(split), manifest.shard_paths(split), strict=True):
-            try:
-                if size(path) != s.size:
-                    return False
-            except OSError:
-                return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # Samples
 
@@ -374,6 +342,15 @@ def shard_samples(manifest: Manifest, split: str, shard: int, first: int = 0,
     info = manifest.shards(split)[shard]
     index = load_index(manifest.file(info.index), info.index_sha256, info.count)
     return read_samples(manifest.file(info.file), index, first, count, first_index=info.start)
+
+
+def shard_positions(manifest: Manifest, split: str, shard: int, positions: Sequence[int] | np.ndarray,
+                    gap: int = GAP) -> Iterator[dict[str, Any]]:
+    """The raw samples at ``positions`` (sorted, in the shard) and no others, each checked, read in as few byte
+    ranges as they allow (see :func:`pipeline.data.shard_index.read_positions`)."""
+    info = manifest.shards(split)[shard]
+    index = load_index(manifest.file(info.index), info.index_sha256, info.count)
+    return read_positions(manifest.file(info.file), index, np.asarray(positions), first_index=info.start, gap=gap)
 
 
 def load_images(manifest: Manifest, split: str, indices: Sequence[int]) -> list[Image.Image]:

@@ -34,7 +34,9 @@ def versions() -> dict[str, str]:
 
 def store_spec(cfg: Config, manifest: Manifest) -> store.StoreSpec:
     """The store a run's teacher stage fills: its train shards (``data.train_shards`` of them), val, and the
-    clean pass over every ingested train shard."""
+    clean pass over every ingested train shard. Packed arrays are chunked in blocks of one mixing window when
+    the window divides the shard size (a reader then fetches the windows it trains), else of one shard."""
+    shard_size = max(b - a for a, b in manifest.ranges("train"))
     return store.StoreSpec(
         num_classes=manifest.num_classes,
         epochs=cfg.teacher.epochs,
@@ -44,6 +46,7 @@ def store_spec(cfg: Config, manifest: Manifest) -> store.StoreSpec:
         clean_ranges=tuple(load_manifest(cfg.data.shards).ranges("train")),
         codec=cfg.store.codec,
         level=cfg.store.level,
+        block=cfg.aug.window if shard_size % cfg.aug.window == 0 else None,
     )
 
 

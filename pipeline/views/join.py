@@ -22,24 +22,31 @@ class StoreJoin:
     """The per-unit join of a training stream (see :class:`pipeline.views.loading.EpochDataset`); picklable, it
     opens the store lazily inside each worker."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
+    def __init__(self, path: str | Path, packed: frozenset[int] = frozenset()) -> None:
+        self.path, self.packed = str(path), packed
+        """``packed``: the stored epochs the opener found packed (a worker then reads no record)."""
         self._group = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_group": None}
+        return {"path": self.path, "packed": self.packed, "_group": None}
 
-    def __call__(self, plan: EpochPlan) -> Callable[[Sample], Sample]:
+    def __call__(self, plan: EpochPlan, rows: tuple[int, int] | None = None) -> Callable[[Sample], Sample]:
+        """The attach function of one unit's samples: of rows ``lo .. hi - 1`` only (global indices; just their
+        blocks are read), or of the whole unit."""
         if self._group is None:
             self._group = store.open_store(self.path)
-        unit = store.read_train_unit(self._group, plan.view_epoch, plan.shard)
+        if rows is None:
+            unit = store.read_train_unit(self._group, plan.view_epoch, plan.shard)
+        else:
+            unit = store.read_train_rows(self._group, plan.view_epoch, plan.shard, *rows,
+                                         packed=True if plan.view_epoch in self.packed else None)
         check_plan(self.path, unit.plan, plan)
         classes = unit.topk_classes.astype(np.int64)
-        start = plan.start
+        start = unit.start
 
         def attach(s: Sample) -> Sample:
             r = s.index - start
-            if int(unit.label[r]) != s.label:
+            if unit.label is not None and int(unit.label[r]) != s.label:
                 raise DistillError(
                     f"logit store {self.path}: sample {s.index} has label {int(unit.label[r])} in the store "
                     f"but {s.label} in the shards; the store was written for other shards"

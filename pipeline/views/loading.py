@@ -20,22 +20,25 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.config import AugConfig
-from pipeline.data.shards import Manifest, shard_samples
+from pipeline.data.shard_index import gap_for
+from pipeline.data.shards import Manifest, shard_positions, shard_samples
 from pipeline.views.augment import eval_transform
 from pipeline.views.handover import TrainParts, ViewLoader
-from pipeline.views.plan import EpochPlan, epoch_plan
+from pipeline.views.plan import epoch_plan
 from pipeline.views.replay import eval_unit, piece_needs, replay_piece, replay_unit
 from pipeline.views.rng import TAG_SHUFFLE, derive_seed
 from pipeline.views.samples import Batch, Sample, collate
-from pipeline.views.sampling import Piece, steps_per_epoch, worker_pieces
+from pipeline.views.sampling import Piece, runs, steps_per_epoch, worker_pieces
 
-Join = Callable[[EpochPlan], Callable[[Sample], Sample]]
-"""Called once per unit with its plan (inside the worker): a function that completes each of its samples."""
+Join = Callable[..., Callable[[Sample], Sample]]
+"""Called with a unit's plan (and the rows a worker trains of it, or none: the whole unit), inside the worker: a
+function that completes each of those samples."""
 
 
 def _worker() -> tuple[int, int]:
@@ -132,21 +135,29 @@ class EpochDataset(IterableDataset):
                              self.batch_size, self.rank, self.world, *_worker())
 
     def _stream(self, train_epoch: int) -> Iterator[Sample]:
-        parts, ranges, c = TrainParts.of(self.aug), self.manifest.ranges("train"), self.manifest.num_classes
-        view_epoch, units, paths = self.view_epoch(train_epoch), {}, self.manifest.shard_paths("train")
-        for piece in self.pieces(train_epoch):
-            w = piece.window
-            if w.shard not in units:  # a unit's plan and targets, once per worker and epoch
-                plan = epoch_plan(self.aug, self.seed, view_epoch, w.shard, *ranges[w.shard])
-                units[w.shard] = (plan, None if self.join is None else self.join(plan))
-            plan, attach = units[w.shard]
-            needed = piece_needs(plan, w.first, piece.lo, piece.hi)
-            start = ranges[w.shard][0]
-            raw = shard_samples(self.manifest, "train", w.shard, w.first - start + int(needed[0]),
-                                int(needed[-1] - needed[0]) + 1)
-            views = replay_piece(iter(raw), plan, w.first, piece.lo, piece.hi, parts=parts, aug=self.aug,
-                                 seed=self.seed, num_classes=c, source=paths[w.shard])
-            yield from views if attach is None else map(attach, views)
+        """The worker's pieces, a run of consecutive pieces of one unit at a time: their samples (and their
+        partners) read in one pass of precise range reads; the stored rows the worker trains of a unit in one
+        read, when it first meets the unit."""
+        parts, ranges = TrainParts.of(self.aug), self.manifest.ranges("train")
+        paths, view_epoch, plans, attach = self.manifest.shard_paths("train"), self.view_epoch(train_epoch), {}, {}
+        pieces = self.pieces(train_epoch)
+        rows = {}  # shard -> the rows this worker trains of it this epoch
+        for p in pieces:
+            lo, hi = rows.get(p.window.shard, (p.window.first + p.lo, p.window.first + p.hi))
+            rows[p.window.shard] = (min(lo, p.window.first + p.lo), max(hi, p.window.first + p.hi))
+        for run in runs(pieces):
+            shard = run[0].window.shard
+            if shard not in plans:
+                plans[shard] = epoch_plan(self.aug, self.seed, view_epoch, shard, *ranges[shard])
+                attach[shard] = None if self.join is None else self.join(plans[shard], rows[shard])
+            plan, start = plans[shard], ranges[shard][0]
+            positions = np.concatenate([p.window.first - start + piece_needs(plan, p.window.first, p.lo, p.hi)
+                                        for p in run])
+            samples = shard_positions(self.manifest, "train", shard, positions, gap_for(self.aug.window))
+            for p in run:
+                views = replay_piece(samples, plan, p.window.first, p.lo, p.hi, parts=parts, aug=self.aug,
+                                     seed=self.seed, num_classes=self.manifest.num_classes, source=paths[shard])
+                yield from views if attach[shard] is None else map(attach[shard], views)
 
     def __iter__(self) -> Iterator[Sample]:
         t = int(self._epoch)

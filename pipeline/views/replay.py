@@ -85,9 +85,8 @@ def replay_piece(
     """Replay positions ``lo .. hi - 1`` of the mixing window that starts at global index ``first``, as raw
     views (a sample and its partner share their uint8 base views in memory).
 
-    ``samples`` yields the window's raw samples from position ``piece_needs(...)[0]`` on (it is advanced to
-    the last position needed, no further); only the needed ones are decoded. A view is the same whatever
-    piece of its window it is made in."""
+    ``samples`` yields exactly the window's raw samples at ``piece_needs(...)`` (in order; it is advanced past
+    them and no further). A view is the same whatever piece of its window it is made in."""
     needed = piece_needs(plan, first, lo, hi)
     labels: dict[int, int] = {}
     images = _decoded(samples, first, needed, labels, source)
@@ -135,20 +134,15 @@ def replay_unit(
 def _decoded(
     it: Iterator[dict], first: int, needed: np.ndarray, labels: dict[int, int], source: str
 ) -> Iterator[Image.Image]:
-    """The images of window positions ``needed`` (sorted) from ``it``, which starts at ``needed[0]``; the
-    samples between them are checked and skipped undecoded; the labels go to ``labels``."""
-    pos = int(needed[0])
+    """The images of window positions ``needed`` (sorted) from ``it``, which yields exactly those samples, in
+    order (each checked to be the one expected); the labels go to ``labels``."""
     for want in needed.tolist():
-        while True:
-            raw = next(it, None)
-            if raw is None:
-                raise ReplayError(f"{source}: shard ended at index {first + pos}, the manifest says more")
-            index = sample_index(raw)
-            if index != first + pos:
-                raise ReplayError(f"{source}: expected sample index {first + pos}, found {index}")
-            pos += 1
-            if pos - 1 == want:
-                break
+        raw = next(it, None)
+        if raw is None:
+            raise ReplayError(f"{source}: shard ended at index {first + want}, the manifest says more")
+        index = sample_index(raw)
+        if index != first + want:
+            raise ReplayError(f"{source}: expected sample index {first + want}, found {index}")
         _, label, img = decode_sample(raw)
         labels[want] = label
         yield img

@@ -1,7 +1,10 @@
 """Which samples every rank and DataLoader worker replays in a training epoch, and in what order.
 
-An epoch's order is a seeded permutation of the split's *mixing windows* (the plan pairs Mixup/CutMix
-partners inside windows of ``aug.window`` samples of a shard), each window's samples in shard order.
+An epoch's order is a seeded permutation of the split's shards (units), each shard's *mixing windows* (the
+plan pairs Mixup/CutMix partners inside windows of ``aug.window`` samples of a shard) in shard order, as
+webdataset streams shards: a worker's part of an epoch is then a few contiguous runs of samples of a few
+units, which it reads from the shards and the logit store in a handful of range requests (the seeded shuffle
+buffer of each worker mixes them; ingest shuffled the samples into shards once).
 The first ``steps * world * batch`` positions of that sequence are trained, where ``steps`` is the most
 full global batches the split holds: at most one global batch is dropped, and which samples fall in
 the dropped tail changes with the epoch (the windows the previous epoch's tail cut go first). Rank r
@@ -54,10 +57,11 @@ def windows(ranges: list[tuple[int, int]], window: int) -> list[Window]:
 
 def epoch_order(ranges: list[tuple[int, int]], window: int, seed: int, train_epoch: int,
                 global_batch: int) -> list[Window]:
-    """The windows of a training epoch, in its seeded order.
+    """The windows of a training epoch, in its seeded order: the shards in a seeded permutation, each one's windows
+    in order.
 
-    The windows that lost samples to the previous epoch's dropped tail come first (in their seeded order),
-    so no sample is dropped in two consecutive epochs whenever the other windows hold a tail's worth."""
+    The windows that lost samples to the previous epoch's dropped tail come first (in that order), so no sample
+    is dropped in two consecutive epochs whenever the other windows hold a tail's worth."""
     return list(_orders(tuple(ranges), window, seed, global_batch, train_epoch))
 
 
@@ -76,8 +80,10 @@ def _orders(ranges: tuple[tuple[int, int], ...], window: int, seed: int, global_
     for t in range(done + 1, train_epoch + 1):
         ends = np.cumsum([w.count for w in order]) if order else np.zeros(0)
         cut = {w for w, e in zip(order, ends, strict=True) if e > kept}  # windows of the previous epoch's tail
-        perm = np.random.default_rng(derive_seed(TAG_SHUFFLE, seed, t, 1)).permutation(len(ws))
-        fresh = [ws[i] for i in perm]
+        perm = np.random.default_rng(derive_seed(TAG_SHUFFLE, seed, t, 1)).permutation(len(ranges))
+        rank = np.empty(len(ranges), dtype=np.int64)
+        rank[perm] = np.arange(len(ranges))
+        fresh = sorted(ws, key=lambda w: (rank[w.shard], w.first))
         order = tuple([w for w in fresh if w in cut] + [w for w in fresh if w not in cut])
     _LAST[key] = (train_epoch, order)
     return order
@@ -118,3 +124,16 @@ def worker_pieces(ranges: list[tuple[int, int]], window: int, seed: int, train_e
     steps = steps_per_epoch(n, world, batch)
     start, end = worker_span(steps, rank, world, worker, workers, batch)
     return pieces(epoch_order(ranges, window, seed, train_epoch, world * batch), start, end)
+
+
+def runs(pieces: list[Piece]) -> list[list[Piece]]:
+    """``pieces`` cut into runs of consecutive pieces of one shard in increasing order: what a worker reads with
+    one pass over the shard's bytes and the store's rows."""
+    out: list[list[Piece]] = []
+    for p in pieces:
+        last = out[-1][-1] if out else None
+        if last is not None and last.window.shard == p.window.shard and last.window.first < p.window.first:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
