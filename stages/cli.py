@@ -18,6 +18,7 @@ import click
 
 from pipeline.core.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from stages.cli_errors import friendly
+from stages.cli_submit import submit as submit_command
 
 MIN_AGREEMENT, MAX_LOGIT_DIFF = 0.99, 0.5
 """verify's defaults (stages.verify's, repeated here so --help does not import the stage; a test checks both)."""
@@ -68,6 +69,9 @@ def main(debug: bool) -> None:
       student      train the DeiT student from shards joined with the store
       evaluate     accuracy, disagreement and throughput tables
       audit        teacher/label disagreement reports from the store
+
+    \b
+    On SLURM, through submitit: distill submit STAGE (distill submit --help).
     """
     if debug:
         os.environ["DISTILL_DEBUG"] = "1"
@@ -282,6 +286,10 @@ def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, out
         if result.get(key) is not None:
             value = result[key]
             click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+submit_command.callback = friendly(submit_command.callback)  # its errors as every stage's: one clean line
+main.add_command(submit_command)
 
 
 @main.group("store")

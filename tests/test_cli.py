@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from stages.cli import main
 
-STAGES = ("ingest", "teacher-fit", "teacher", "verify", "student", "evaluate", "audit", "store")
+STAGES = ("ingest", "teacher-fit", "teacher", "verify", "student", "evaluate", "audit", "store", "submit")
 
 
 def test_help_lists_every_stage():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.core.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.train.models import create_student, create_teacher
@@ -16,6 +17,15 @@ def test_demo_config_is_the_default_and_validates():
     cfg = load_config()
     assert DEFAULT_CONFIG == ROOT / "configs" / "demo.yaml"
     assert cfg.data.source == "idx" and cfg.aug.channels == 1
+
+
+def test_params_yaml_ships_as_the_demo_config():
+    """`make demo` runs dvc.yaml on params.yaml: as shipped, it is configs/demo.yaml (the embedded default). A fork
+    that runs its own config through DVC changes params.yaml, and this test with it."""
+    params, demo = (yaml.safe_load((ROOT / name).read_text()) for name in ("params.yaml", "configs/demo.yaml"))
+    assert params == demo, "params.yaml (what `make demo` runs) differs from configs/demo.yaml"
+    pipeline = (ROOT / "dvc.yaml").read_text()
+    assert "configs/demo.yaml" not in pipeline.split("stages:", 1)[1]  # every stage runs params.yaml
 
 
 def test_imagenet_config_is_the_paper_recipe_and_builds_both_models():

@@ -237,6 +237,43 @@ class EvaluateConfig(Strict):
     output: Location = "runs/eval"
 
 
+class SlurmConfig(Strict):
+    """``distill submit``: the SLURM resources of a submitted stage (through submitit); its flags override these.
+
+    The student runs as one job of ``nodes`` x ``tasks_per_node`` ranks; the teacher as a job array of ``writers``
+    one-GPU tasks that fill one store together; every other stage as one process."""
+
+    nodes: PosInt = 1
+    gpus_per_node: Annotated[int, Field(ge=0)] = 8
+    tasks_per_node: PosInt | None = None
+    """Ranks per node of the student's job (default: one per GPU, 1 without GPUs)."""
+    writers: PosInt | None = None
+    """The teacher's job array: this many one-GPU writers (default: nodes x tasks_per_node)."""
+    cpus_per_task: PosInt = 10
+    mem_gb: PosInt | None = None
+    """Memory of a node (GB): the student's job asks for it per node, a one-process job for one rank's share."""
+    time: PosInt = 2800
+    """Minutes a job may run (the official DeiT default); a job that reaches it is requeued and resumes."""
+    partition: str | None = None
+    constraint: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    max_timeouts: Annotated[int, Field(ge=0)] = 3
+    """Requeues after a timeout before a job gives up (a preemption always requeues)."""
+    setup: list[str] = []
+    """Shell lines run in the job before the stage, e.g. ``[module load cuda, source .venv/bin/activate]``."""
+    additional: dict[str, Any] = {}
+    """Other sbatch options by name, e.g. ``{mail-type: END, exclusive: true}``."""
+    logs: str = "runs/slurm/%j"
+    """Folder of the jobs' logs and submitit's files (a shared filesystem's path; %j: the job id)."""
+
+    @model_validator(mode="after")
+    def _local_logs(self) -> SlurmConfig:
+        if "://" in self.logs:
+            raise ValueError(f"slurm.logs must be a path on a filesystem the nodes share, not a URL, got {self.logs!r}")
+        return self
+
+
 class Config(Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     storage_options: dict[str, dict[str, Any]] = {}
@@ -248,6 +285,7 @@ class Config(Strict):
     store: StoreConfig = StoreConfig()
     student: StudentConfig = StudentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")
     def _fit_aug(self) -> Config:
