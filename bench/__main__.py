@@ -1,5 +1,6 @@
-"""Benchmark runner: ``python -m bench [NAME ...]`` runs bench/bench_NAME.py (all when none given);
-``python -m bench NAME --option ...`` runs one with its options (``python -m bench NAME --help``).
+"""Benchmark runner: ``python -m bench [NAME ...]`` runs bench/bench_NAME.py (all when none given; a hyphen in
+NAME is an underscore in the file: ``kd-cost`` runs bench_kd_cost.py); ``python -m bench NAME --option ...`` runs
+one with its options (``python -m bench NAME --help``).
 
 Each benchmark prints its figures and, where it has a target, a ratio measured within one run, so
 the noise of a shared machine cancels out.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
-    available = sorted(p.stem.removeprefix("bench_") for p in here.glob("bench_*.py"))
+    available = sorted(p.stem.removeprefix("bench_").replace("_", "-") for p in here.glob("bench_*.py"))
     # `python -m bench NAME --opt ...` hands the options to that one benchmark
     split = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
     names, options = argv[:split] or available, argv[split:]
@@ -27,11 +28,11 @@ def main(argv: list[str]) -> int:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available)}", file=sys.stderr)
         return 2
     for name in names:
-        print(f"=== bench_{name} ===", flush=True)
+        print(f"=== bench {name} ===", flush=True)
         t0 = time.perf_counter()
-        module = importlib.import_module(f"bench.bench_{name}")
+        module = importlib.import_module(f"bench.bench_{name.replace('-', '_')}")
         module.main(options)
-        print(f"(bench_{name}: {time.perf_counter() - t0:.1f} s)\n", flush=True)
+        print(f"(bench {name}: {time.perf_counter() - t0:.1f} s)\n", flush=True)
     return 0
 
 

@@ -206,7 +206,7 @@ def write_contact_sheet(rows: pd.DataFrame, images: Sequence[Any], path: Path, t
     for ax in axes:
         ax.axis("off")
     for ax, (_, r), img in zip(axes, rows.iterrows(), images, strict=False):
-        arr = np.asarray(img)
+        arr = np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))  # CMYK or palette: as seen
         ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, interpolation="nearest")
         text = (f"#{r['rank']} · {r['index']}\ngiven: {r['label_name']}\n"
                 f"teacher: {r['teacher_name']} {r['p_teacher']:.2f}")

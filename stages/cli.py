@@ -132,7 +132,8 @@ def _device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def teacher_fit(cfg: Config, force: bool, quiet: bool, device: str) -> None:
     """Train the configured timm CNN teacher on the train shards (writes teacher.fit.output).
 
-    Needed only when no pretrained teacher is given (teacher.checkpoint / teacher.pretrained).
+    Does nothing when the config names the teacher's weights (teacher.checkpoint or teacher.pretrained): the
+    later stages use those.
     """
     from stages import teacher_fit as stage
 
@@ -298,21 +299,28 @@ def store_group() -> None:
 
 
 @store_group.command("describe")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(), required=False)
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A config whose student.epochs to check against the store (see --student-epochs).")
+              help="A config: its store.path when no PATH is given, its storage_options, and its student.epochs "
+                   "to check against the store (see --student-epochs).")
 @click.option("--student-epochs", type=click.IntRange(min=1), default=None,
               help="Also print the reuse factor a student run of this many epochs would have on this store "
                    "(each stored epoch replayed student-epochs / E times), and whether it is above the limit.")
 @friendly
-def store_describe(path: str, config_path: Path | None, student_epochs: int | None) -> None:
+def store_describe(path: str | None, config_path: Path | None, student_epochs: int | None) -> None:
     """Print shape, K, E, completed epochs, bytes on disk and provenance of the store at PATH (a folder or a
-    URL)."""
+    URL), or of the config's store.path."""
     import store
+    from pipeline.core.files import use_storage_options
     from pipeline.train.reuse import REUSE_LIMIT, reuse_factor, reuse_warning
 
-    if student_epochs is None and config_path is not None:
-        student_epochs = load_config(config_path).student.epochs
+    if config_path is not None:
+        cfg = load_config(config_path)
+        use_storage_options(cfg.storage_options)
+        path = path or str(cfg.store.path)
+        student_epochs = student_epochs or cfg.student.epochs
+    if path is None:
+        raise click.UsageError("give the store's PATH, or -c CONFIG to describe its store.path")
     click.echo(store.describe(path))
     from pipeline.views.canary import store_canary
 

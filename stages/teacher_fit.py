@@ -96,8 +96,15 @@ def _fit(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.
     return history
 
 
-def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool = False) -> Path:
-    """Train ``cfg.teacher.model`` from scratch and save it to ``cfg.teacher.fit.output``."""
+def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool = False) -> Path | None:
+    """Train ``cfg.teacher.model`` from scratch and save it to ``cfg.teacher.fit.output``. Nothing (None) when the
+    config names the teacher's weights (``teacher.pretrained`` or ``teacher.checkpoint``): the later stages use those
+    and never a fitted checkpoint, so a fit would only cost time (``configs/imagenet.yaml``'s teacher)."""
+    t = cfg.teacher
+    if t.pretrained or t.checkpoint is not None:
+        named = f"teacher.checkpoint {t.checkpoint}" if t.checkpoint is not None else f"timm's {t.model} weights"
+        print(f"teacher-fit: nothing to fit, the config names the teacher's weights ({named})")
+        return None
     use_storage_options(cfg.storage_options)
     env = distributed.setup(device)
     if env.world > 1:

@@ -10,6 +10,9 @@ Helpers (plain functions, importable as ``from conftest import make_idx`` or use
   "mixed" alternating) and returns ``(train_root, val_root)``.
 - ``make_config(tmp_path, data, **sections)`` a validated Config whose every output lives under
   ``tmp_path``, with tiny models and epochs; ``data`` and ``sections`` override (deep-merged).
+- ``s3_env(endpoint)`` the environment that points a subprocess's S3 clients at a test server
+  (``tests/s3server.py``'s ``S3Server``), for stages run as commands.
+- ``readme_block(marker)`` the README's bash block after ``<!-- marker``: tests run the README's commands as written.
 
 Fixtures: ``idx_root`` (25 train / 12 val gzipped 28x28 images, 10 classes), ``imagefolder_roots``
 (``(train_root, val_root)``, 3 classes, 3 train / 2 val each, PNG and JPEG mixed), ``tiny_config``
@@ -239,12 +242,34 @@ def assert_clean_failure(result, *needles: str) -> None:
         assert needle in result.output, result.output
 
 
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The environment that points a subprocess's S3 clients at the test server (botocore reads AWS_ENDPOINT_URL)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def readme_block(marker: str) -> str:
+    """The fenced bash block right after ``<!-- marker ... -->`` in the README (tests run them as written)."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(f"<!-- {marker}") :]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
 def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LONGEST_FIRST = ("test_rehearsal.py", "test_pipeline_dvc.py")
+"""The files that take minutes, whole (``--dist loadfile``): collected first, so that pytest-xdist hands them out
+first and the rest of the suite runs beside them, instead of one starting last and the suite waiting for it."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the order within a file is kept
 
 
 def pytest_configure(config: pytest.Config) -> None:

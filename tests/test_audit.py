@@ -486,3 +486,19 @@ def test_run_audits_only_the_chosen_epochs(planted, tmp_path):
     assert h["epochs"] == [1] and h["train_samples"] == len([v for v in planted.views if v["epoch"] == 1])
     with pytest.raises(store.StoreError, match=f"holds epochs 0..{E - 1}"):
         audit.run(planted.cfg, top=3, output=tmp_path / "bad", epochs=[E])
+
+
+def test_the_contact_sheet_shows_a_cmyk_jpeg_in_its_colours(tmp_path):
+    """ImageNet holds CMYK JPEGs; the sheet shows the image as it looks (pure red stays red), not its CMYK bytes
+    taken for RGBA (red's would be fully transparent)."""
+    import io
+
+    from PIL import Image
+
+    red = Image.new("RGB", (40, 40), (255, 0, 0)).convert("CMYK")
+    buf = io.BytesIO()
+    red.save(buf, "JPEG")
+    rows = pd.DataFrame([{"rank": 1, "index": 0, "label_name": "n01", "teacher_name": "n02", "p_teacher": 0.9}])
+    path = audit_report.write_contact_sheet(rows, [Image.open(buf)], tmp_path / "sheet.png", "suspects")
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+    assert ((pixels[:, 0] > 200) & (pixels[:, 1] < 60) & (pixels[:, 2] < 60)).sum() > 100

@@ -45,6 +45,19 @@ def test_store_describe_of_a_missing_store_is_a_clean_error(tmp_path):
     assert "none.zarr" in result.output
 
 
+def test_store_describe_takes_the_store_of_a_config(reference_store, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"root": str(tmp_path)}, "store": {"path": str(reference_store)},
+                                   "student": {"epochs": 6}}))
+    result = CliRunner().invoke(main, ["store", "describe", "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert f"logit store: {reference_store}" in result.output and "reuse: 6 student epochs / E=2" in result.output
+    result = CliRunner().invoke(main, ["store", "describe"])
+    assert result.exit_code == 2 and "-c CONFIG" in result.output
+
+
 def test_cuda_on_a_machine_without_it_is_a_clean_error(tmp_path, monkeypatch):
     import torch
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_idx
+from conftest import make_idx, readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -143,13 +143,6 @@ def test_a_config_outside_configs_runs_through_dvc_repro_with_dvc_yaml_as_it_is(
         for path, data in before.items():
             path.write_bytes(data)
         shutil.rmtree(mine.parent)
-
-
-def readme_block(marker: str) -> str:
-    """The fenced code block right after ``<!-- marker ... -->`` in the README."""
-    text = (ROOT / "README.md").read_text()
-    after = text[text.index(f"<!-- {marker}") :]
-    return after.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_commands_run_as_written_after_activating_the_venv(repo):

@@ -303,6 +303,17 @@ def test_teacher_fit_rerun_is_up_to_date_and_does_not_rewrite(base: Config, tmp_
     assert Path(resolved.teacher.checkpoint) == out
 
 
+def test_teacher_fit_does_nothing_when_the_config_names_the_teachers_weights(base: Config, tmp_path: Path, capsys):
+    """configs/imagenet.yaml names timm's weights: the later stages use those, so a fit would be wasted (and the
+    README's how-to runs teacher-fit on it as written)."""
+    out = tmp_path / "fit.pt"
+    for weights in ({}, {"checkpoint": None, "pretrained": True}):  # the base's checkpoint file; timm's weights
+        cfg = derive(base, teacher={**weights, "fit": {"output": str(out)}})
+        assert teacher_fit.run(cfg, progress=False, device="cpu") is None
+        assert "nothing to fit" in capsys.readouterr().out
+    assert not out.exists()
+
+
 def test_missing_teacher_raises_stage_error_naming_path(base: Config, tmp_path: Path):
     missing = tmp_path / "nowhere" / "teacher.pt"
     cfg = at(derive(base, teacher={"checkpoint": None, "fit": {"output": str(missing)}}), tmp_path / "s.zarr")

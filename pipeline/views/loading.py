@@ -17,6 +17,7 @@ worker, with the unit's plan) attaches what the store holds for each sample.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -168,12 +169,25 @@ class EpochDataset(IterableDataset):
         return wds.shuffle(self.shuffle, initial, rng=rng)(self._stream(t))
 
 
+def _not_inherited_session(record: logging.LogRecord) -> bool:
+    return "Unclosed client session" not in record.getMessage()
+
+
+def _worker_init(worker: int) -> None:
+    """In a DataLoader worker: the object-store sessions (aiohttp, under s3fs or gcsfs) forked from the parent
+    belong to the parent's event-loop thread, which the worker lacks, so they cannot be closed here; when the
+    garbage collector meets them aiohttp logs "Unclosed client session" (a few times a run, with shards or store on
+    S3). That message is dropped in workers: their own sessions live until they exit."""
+    logging.getLogger("asyncio").addFilter(_not_inherited_session)
+
+
 def _loader(dataset: IterableDataset, batch_size: int | None, workers: int, persistent: bool, seed: int,
             collate_fn: Callable | None) -> DataLoader:
     """A DataLoader with its own generator, so iterating it never draws from torch's global RNG."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
                       persistent_workers=persistent and workers > 0, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed))
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=_worker_init)
 
 
 def train_stream(manifest: Manifest, aug: AugConfig, seed: int, *, batch_size: int, view_epoch: Callable[[int], int],
