@@ -8,17 +8,29 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test bench audit-noisy fashion-mnist setup clean
+.PHONY: demo test bench audit-noisy fashion-mnist setup clean uv-install
 
 setup: $(STAMP)
 
-# torch/torchvision first, pinned to the builds this project targets (pip finds them on the local disk
-# where they are cached); then the project itself, editable, with its test extras.
+# torch/torchvision pinned to the builds this project targets (found on the local disk where they are cached),
+# and the project itself, editable, with its test extras. uv installs them from the indexes pip is set up with
+# (pip.conf and PIP_* variables; every index on equal terms, as pip treats them) in about a tenth of pip's time;
+# pip does it where uv cannot.
+PINNED := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install -q --disable-pip-version-check uv && $(MAKE) -s uv-install || \
+	  $(PY) -m pip install -q --disable-pip-version-check $(PINNED) -e ".[test]"
 	touch $@
+
+PIPCFG = $$($(PY) -m pip config get global.$(1) 2>/dev/null | tr '\n' ' ')
+uv-install:
+	idx="$${PIP_INDEX_URL:-$(call PIPCFG,index-url)}"; extra="$${PIP_EXTRA_INDEX_URL:-$(call PIPCFG,extra-index-url)}"; \
+	links="$${PIP_FIND_LINKS:-$(call PIPCFG,find-links)}"; cons="$${PIP_CONSTRAINT:-$(call PIPCFG,constraint)}"; \
+	$(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match \
+	  $${idx:+--index-url $$idx} $$(for u in $$extra; do echo --extra-index-url $$u; done) \
+	  $$(for u in $$links; do echo --find-links $$u; done) $$(for c in $$cons; do echo --constraint $$c; done) \
+	  $(PINNED) -e ".[test]"
 
 fashion-mnist: $(STAMP)
 	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
@@ -29,8 +41,10 @@ fashion-mnist: $(STAMP)
 	  $(PY) -m pipeline.data.fetch $(FMNIST); \
 	fi
 
+# The estimate first (a few timed batches, well under a minute), unless every stage is up to date.
 demo: $(STAMP) fashion-mnist
 	test -d .dvc || dvc init -q
+	@dvc status -q 2>/dev/null || distill estimate -c params.yaml
 	dvc repro
 	@test -f runs/eval/results.md && cat runs/eval/results.md || true
 

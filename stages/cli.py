@@ -293,6 +293,33 @@ submit_command.callback = friendly(submit_command.callback)  # its errors as eve
 main.add_command(submit_command)
 
 
+@main.command()
+@config_options
+@click.option("--rates", "rates_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Rates (images/s) measured on another machine, as JSON (the keys of the printed rates): predict "
+                   "for that machine instead of timing this one.")
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Timed seconds per measured rate (six rates).")
+@friendly
+def estimate(cfg: Config, rates_file: Path | None, seconds: float) -> None:
+    """How long each stage of the pipeline will take on this machine, before any runs (make demo prints it).
+
+    Times a few batches of the config's teacher and student (training and inference) and of its views, counts
+    the images each stage handles, and prints the predicted time of every stage and the total.
+    """
+    import json
+
+    from pipeline.train.rates import Rates
+    from stages import estimate as stage
+
+    try:
+        rates = Rates(**json.loads(rates_file.read_text())) if rates_file is not None else None
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(f"{rates_file}: not a JSON object of the rates {list(Rates.__dataclass_fields__)} "
+                                 f"({e})", param_hint="--rates") from None
+    click.echo(stage.run(cfg, rates=rates, seconds=seconds)[1])
+
+
 @main.group("store")
 def store_group() -> None:
     """Inspect a logit store, or give an older one its view canary."""
