@@ -145,5 +145,10 @@ def main(argv: list[str]) -> None:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     s, d4 = students[-1], teachers[-1]["lists_per_unit"]
     print(f"({time.perf_counter() - t0:.0f} s)")
+    im = result["imagenet"]
+    print(f"ImageNet-1k, {im['ranks']} ranks x {im['workers']} workers, shards of {im['shard_size']:,}, window and "
+          f"block {im['window']} (counted from the planner, not run): store amplification "
+          f"{im['store_amplification']:.2f}, shard amplification {im['shard_amplification']:.2f}, requests per "
+          f"trained sample {im['requests_per_sample']:.4f}")
     print(f"s3: store amplification {s['A']:.2f}, shard amplification {s['B']:.3f}, requests per trained sample "
           f"{s['C']:.3f}, teacher LISTs per unit {d4:.1f}")
