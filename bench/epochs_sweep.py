@@ -1,5 +1,5 @@
-"""How many epochs to store: the accuracy-vs-E curve and the 3-seed margins (README, "How many epochs
-to store"). Not a speed benchmark (``make bench`` does not run it): a sweep of whole training runs.
+"""How many epochs to store: the accuracy-vs-E curve and the 3-seed margins (docs/epochs.md). Not a speed
+benchmark (``make bench`` does not run it): a sweep of whole training runs.
 
 ``python -m bench.epochs_sweep curve``: with the demo recipe, hard distillation from stores of E = 1, 2,
 5, 10, 25 augmented epochs (25 = a fresh stored epoch for every student epoch), plus the online teacher

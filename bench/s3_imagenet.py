@@ -22,7 +22,7 @@ N_TRAIN = 1_281_167
 SAMPLE_BYTES = 110_000
 """An ImageNet-1k training JPEG in its shard, on average (tar headers included)."""
 ROW_BYTES = 27.5
-"""Store bytes per (sample, epoch) at K = 10, C = 1,000 (``python -m bench store``; README)."""
+"""Store bytes per (sample, epoch) at K = 10, C = 1,000 (``python -m bench store``; docs/benchmarks.md)."""
 ENTRY_BYTES = 24
 RANKS, WORKERS = 64, 10
 

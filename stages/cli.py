@@ -178,7 +178,7 @@ def teacher(cfg: Config, workers: int | None, batch_size: int | None, part: tupl
 @click.option(
     "--max-logit-diff", type=click.FloatRange(min=0.0), default=MAX_LOGIT_DIFF, show_default=True,
     help="Exit non-zero when a re-computed logit differs from the stored one by more than this (the default "
-         "covers fp16 storage and a bf16 teacher against a float32 one; see the README).",
+         "covers fp16 storage and a bf16 teacher against a float32 one; see docs/integrity.md).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_drift_option

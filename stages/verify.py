@@ -32,7 +32,7 @@ from pipeline.views.replay import replay_indices
 MIN_AGREEMENT = 0.99
 """Default least hard-label agreement (bf16 on CUDA may flip near-ties)."""
 MAX_LOGIT_DIFF = 0.5
-"""Default tolerance on |stored - recomputed| logits (measured: see the README's verify section)."""
+"""Default tolerance on |stored - recomputed| logits (measured: see docs/integrity.md, `distill verify`)."""
 
 
 class VerificationFailed(DistillError):

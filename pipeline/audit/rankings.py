@@ -15,7 +15,7 @@ Rankings (most suspect first), scored against planted flips by :func:`planted_sc
   Needs the optional ``cleanlab`` package (``pip install -e ".[cleanlab]"``).
 
 On Fashion-MNIST with 2 % planted flips the plain ranking found more of them in its top 2N than
-confident learning did (README, "Finding wrong labels"), so it is the default. Suspects are the
+confident learning did (docs/audit.md), so it is the default. Suspects are the
 images whose label the teacher gives less than a threshold probability, listed in ranking order.
 """
 
@@ -46,7 +46,7 @@ class RankingError(DistillError, ValueError):
 
 RANKINGS = ("p_label", "cleanlab")
 DEFAULT_RANKING = "p_label"
-"""The ranking the audit lists suspects by; chosen on planted flips (README, "Finding wrong labels")."""
+"""The ranking the audit lists suspects by; chosen on planted flips (docs/audit.md)."""
 
 
 def view_agreement(train: pd.DataFrame, n: int) -> pd.DataFrame:

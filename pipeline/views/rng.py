@@ -3,8 +3,8 @@
 timm's transforms draw from the global ``random`` and ``numpy.random`` modules. The replay contract
 needs each view to be a pure function of (seed, epoch, index), and the training loop needs its own
 global RNG streams left alone; and a small view is cheap, so the determinism must cost little per
-view (re-seeding Python's Mersenne Twister, NumPy's and torch's per sample cost too much: the README's
-benchmark section has the figures). So instead:
+view (re-seeding Python's Mersenne Twister, NumPy's and torch's per sample cost too much: docs/benchmarks.md
+has the figures). So instead:
 
 * every view draws from its own SplitMix64 stream, keyed by (seed, epoch, index). The first
   ``STREAM_HEAD`` uniforms of a window's streams are computed in one vectorised NumPy pass; a view
