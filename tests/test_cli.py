@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from stages.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STAGES = ("ingest", "teacher-fit", "teacher", "verify", "student", "evaluate", "audit", "store", "submit")
 
@@ -78,3 +83,17 @@ def test_verify_options_default_to_the_stages_own_rules():
     from stages import cli, verify
 
     assert (cli.MIN_AGREEMENT, cli.MAX_LOGIT_DIFF) == (verify.MIN_AGREEMENT, verify.MAX_LOGIT_DIFF)
+
+
+def test_openmp_threads_sleep_unless_the_environment_says_how_they_wait():
+    """``import stages`` (before torch) sets OMP_WAIT_POLICY=PASSIVE, and leaves a user's own choice alone."""
+    import subprocess
+    import sys
+
+    probe = "import os, stages; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    cases = (({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "9"}, "None"))
+    for extra, expected in cases:
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == expected, (extra, out)
