@@ -96,11 +96,14 @@ def image_table(
     Columns: index, key, shard, file, label, label_name, teacher, teacher_name, p_teacher, p_label,
     margin (p_label − the largest other probability), in_fit_subset (nullable: unknown when the teacher's
     checkpoint does not say), in_train (one of the students' ``train_samples``), views, view_weight,
-    view_agreement, planted and true_label (the label before a planted flip, <NA> elsewhere).
+    view_agreement, planted and true_label (the label before a planted flip the label layer has not corrected,
+    <NA> elsewhere). ``clean`` may leave images out (dropped labels): rows follow its ``index``.
     """
     n = len(clean)
     labels = clean["label"].to_numpy()
-    out = clean[["index", "shard", "label", "teacher", "p_teacher", "p_label"]].copy()
+    idx = clean["index"].to_numpy()
+    n_all = int(idx.max()) + 1 if n else 0
+    out = clean[["index", "shard", "label", "teacher", "p_teacher", "p_label"]].reset_index(drop=True)
     out.insert(1, "key", [sample_key(int(i)) for i in out["index"]])
     out.insert(3, "file", [files[s] if files is not None else "" for s in out["shard"]])
     out.insert(5, "label_name", np.asarray(names, dtype=object)[labels])
@@ -109,15 +112,18 @@ def image_table(
     fit = pd.array([pd.NA] * n, dtype="boolean") if fit_samples is None else out["index"] < fit_samples
     out["in_fit_subset"] = fit
     out["in_train"] = out["index"] < train_samples
-    views = view_agreement(train, n) if train is not None and len(train) else None
+    views = view_agreement(train, n_all).iloc[idx].reset_index(drop=True) if train is not None and len(train) else None
     out["views"] = views["views"] if views is not None else 0
     out["view_weight"] = views["view_weight"] if views is not None else 0.0
     out["view_agreement"] = views["view_agreement"] if views is not None else np.nan
-    true = pd.array([pd.NA] * n, dtype="Int64")
+    true = np.full(n_all, -1, dtype=np.int64)
     for p in planted:
-        true[p.index] = p.true
-    out["planted"] = ~pd.isna(true)
-    out["true_label"] = true
+        if p.index < n_all:
+            true[p.index] = p.true
+    true = true[idx]
+    wrong = (true >= 0) & (true != labels)  # a flip the label layer corrected is no longer wrong
+    out["planted"] = wrong
+    out["true_label"] = pd.Series(true, dtype="Int64").mask(~wrong)
     return out
 
 
