@@ -26,17 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from pipeline.audit.frames import load_audit
-from pipeline.audit.rankings import label_issue_order, planted_scores
+from pipeline.audit.rankings import available_rankings, label_issue_order, planted_scores
 from pipeline.core.config import Config, load_config, overridden
 from pipeline.data.shards import load_manifest
 from stages import audit, ingest, student, teacher, teacher_fit
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOP = ["teacher.fit.epochs=15", "teacher.epochs=5", "student.epochs=15", "student.distillation=hard"]
-"""The loop's recipe: the demo's, with a 15-epoch teacher fit, E = 5 stored epochs and a 15-epoch student."""
-NOISE = {"uniform": [], "confusable": ["data.label_noise_kind=confusable"]}
+LOOP = ["data.train_limit=5000", "teacher.fit.epochs=8", "teacher.epochs=2", "student.epochs=20",
+        "student.distillation=hard"]
+"""The loop's recipe: the demo's training subset (the first 5,000 images of its seeded order) ingested alone, so
+the audit covers exactly the images the teacher and the student train on; an 8-epoch teacher fit, E = 2 stored
+epochs and a 20-epoch student (the demo's: 30, 10 and 25), to fit the study in the CPU time it had."""
+NOISE = {"confusable": ["data.label_noise_kind=confusable"], "uniform": []}
 
 
 def _cfg(base: Config, folder: Path, extra: list[str]) -> Config:
@@ -71,7 +75,7 @@ def train_run(cfg: Config, *, with_student: bool = True) -> dict[str, Any]:
 def _scores(cfg: Config) -> pd.DataFrame:
     """Each ranking's precision and recall against the planted flips of a run's store."""
     inputs = load_audit(cfg.store.path, cfg.data.shards)
-    orders = {r: label_issue_order(inputs.images, r, inputs.clean_probs) for r in ("p_label", "cleanlab")}
+    orders = {r: label_issue_order(inputs.images, r, inputs.clean_probs) for r in available_rankings()}
     return planted_scores(inputs.images, orders)
 
 
@@ -90,21 +94,27 @@ def _fixed(folder: Path, relabel: Path, subset: int) -> dict[str, Any]:
             "broke_in_subset": int((inside & pd.Series(harm)).sum())}
 
 
-def _corrected(base: Config, noisy: Config, out: Path, kind: str, how: str, n: int) -> dict[str, Any]:
-    """Audit the noisy run into a relabel file (``how``: top N, or the threshold's suspects) and train on it."""
+def _corrected(base: Config, noisy: Config, out: Path, kind: str, how: str, n: int, *,
+               train: bool = True) -> dict[str, Any]:
+    """Audit the noisy run into a relabel file (``how``: top N, or the threshold's suspects) and (``train``) train
+    on it; what the file fixed either way."""
     folder = out / f"{kind}-fix-{how}"
     relabel = out / f"{kind}-noisy" / f"relabel-{how}.csv"
     if not relabel.is_file():
         opts = {"threshold": 1.0, "relabel_top": n} if how == "top-n" else {"threshold": 0.05}
         audit.run(noisy, output=out / f"{kind}-noisy" / f"audit-{how}", sheet=0, relabel_out=str(relabel),
                   relabel_confidence=0.0, **opts)
+    fixed = _fixed(out / f"{kind}-noisy", relabel, noisy.data.train_shards * noisy.data.shard_size)
+    if not train:
+        return {"noise": kind, "labels": f"corrected ({how})", **fixed}
     _link_shards(out / f"{kind}-noisy" / "shards", folder / "shards")
     cfg = _cfg(base, folder, [*NOISE[kind], "data.label_noise=0.1", f"data.relabel={relabel}"])
-    return {"noise": kind, "labels": f"corrected ({how})", **train_run(cfg),
-            **_fixed(out / f"{kind}-noisy", relabel, noisy.data.train_shards * noisy.data.shard_size)}
+    return {"noise": kind, "labels": f"corrected ({how})", **train_run(cfg), **fixed}
 
 
-def loop(base: Config, out: Path) -> pd.DataFrame:
+def loop(base: Config, out: Path, hows: tuple[str, ...] = ("top-n",)) -> pd.DataFrame:
+    """The loop's table (loop.csv) and the audit's scores on its noisy runs (loop-audit.csv); the students of the
+    relabel files in ``hows`` are trained, the others' files only written and scored."""
     clean = _cfg(base, out / "clean", [])
     rows = [{"noise": "none", "labels": "clean", **train_run(clean)}]
     confusion = Path(str(clean.teacher.fit.output)).with_suffix(".json")
@@ -119,7 +129,7 @@ def loop(base: Config, out: Path) -> pd.DataFrame:
         n = int(scores["planted"].iloc[0])
         base_k = overridden(base, extra[-1:]) if kind == "confusable" else base
         for how in ("top-n", "threshold"):
-            rows.append(_corrected(base_k, noisy, out, kind, how, n))
+            rows.append(_corrected(base_k, noisy, out, kind, how, n, train=how in hows))
         print(pd.DataFrame(rows).to_string(), flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(out / "loop.csv", index=False)
@@ -128,17 +138,17 @@ def loop(base: Config, out: Path) -> pd.DataFrame:
     return df
 
 
-def rank(noisy_base: Config, out: Path, confusion: Path) -> pd.DataFrame:
-    """The demo-noisy recipe (2 % flips), uniform and confusable: teacher-fit, teacher, and the rankings' scores."""
-    tables = []
-    for kind in NOISE:
-        extra = NOISE[kind] + ([f"data.label_noise_confusion={confusion}"] if kind == "confusable" else [])
-        cfg = _cfg(noisy_base, out / f"rank-{kind}", extra)
-        train_run(cfg, with_student=False)
-        scores = _scores(cfg)
-        scores.insert(0, "noise", kind)
-        tables.append(scores)
-        print(scores.to_string(), flush=True)
+def rank(noisy_base: Config, out: Path, confusion: Path, kind: str) -> pd.DataFrame:
+    """The demo-noisy recipe (2 % flips) with one noise kind: teacher-fit, teacher, and the rankings' scores; the
+    table of every kind done so far (rank.csv)."""
+    tables = [pd.read_csv(f) for f in sorted(out.glob("rank-*/planted.csv")) if f.parent.name != f"rank-{kind}"]
+    extra = NOISE[kind] + ([f"data.label_noise_confusion={confusion}"] if kind == "confusable" else [])
+    cfg = _cfg(noisy_base, out / f"rank-{kind}", extra)
+    train_run(cfg, with_student=False)
+    scores = _scores(cfg)
+    scores.insert(0, "noise", kind)
+    scores.to_csv(out / f"rank-{kind}" / "planted.csv", index=False)
+    tables.append(scores)
     df = pd.concat(tables, ignore_index=True)
     df.to_csv(out / "rank.csv", index=False)
     return df
@@ -146,18 +156,27 @@ def rank(noisy_base: Config, out: Path, confusion: Path) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["loop", "rank"])
+    ap.add_argument("what", choices=["loop", "rank-confusable", "rank-uniform"], nargs="+",
+                    help="in this order (the clean run comes first)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "label-loop")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine)")
+    ap.add_argument("--train-threshold", action="store_true",
+                    help="loop: also train on the threshold's relabel file (by default only written and scored)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
     base = overridden(load_config(ROOT / "configs" / "demo.yaml"), LOOP)
-    if args.what == "loop":
-        print(loop(base, args.out).to_string())
-    else:
-        clean = _cfg(base, args.out / "clean", [])
-        train_run(clean, with_student=False)  # the clean teacher-fit's val confusion drives confusable noise
-        confusion = Path(str(clean.teacher.fit.output)).with_suffix(".json")
-        print(rank(load_config(ROOT / "configs" / "demo-noisy.yaml"), args.out, confusion).to_string())
+    clean = _cfg(base, args.out / "clean", [])
+    ingest.run(clean, progress=False)
+    teacher_fit.run(clean, progress=False)  # its val confusion drives the confusable noise
+    confusion = Path(str(clean.teacher.fit.output)).with_suffix(".json")
+    for what in args.what:
+        if what == "loop":
+            hows = ("top-n", "threshold") if args.train_threshold else ("top-n",)
+            print(loop(base, args.out, hows).to_string())
+        else:
+            noisy = load_config(ROOT / "configs" / "demo-noisy.yaml")
+            print(rank(noisy, args.out, confusion, what.removeprefix("rank-")).to_string())
 
 
 if __name__ == "__main__":

@@ -254,9 +254,11 @@ def evaluate(cfg: Config, students: tuple[str, ...], device: str) -> None:
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
               help="A training image is a suspect when the teacher gives its label less than this probability "
                    "on the image's evaluation view.")
-@click.option("--ranking", type=click.Choice(["p_label", "cleanlab"]), default="p_label", show_default=True,
-              help="Order of the suspects: the label's probability (lowest first), or confident learning's "
-                   "flags first (needs the cleanlab package). With planted flips both are scored.")
+@click.option("--ranking", type=click.Choice(["p_label", "per_class", "cleanlab"]), default="p_label",
+              show_default=True,
+              help="Order of the suspects: the label's probability (lowest first), that probability over its "
+                   "class's mean (per_class), or confident learning's flags first (needs the cleanlab package). "
+                   "With planted flips each is scored.")
 @click.option("--sheet", type=click.IntRange(min=0), default=32, show_default=True,
               help="Suspects on the contact sheet suspects.png (0: none).")
 @click.option("--output", type=click.Path(file_okay=False), default=None,
