@@ -1,20 +1,26 @@
 """From suspects to a better student (README, "Fixing labels"): what fixing the labels the audit finds is worth,
 and how well the audit finds them on uniform and on confusable noise. Not a speed benchmark: whole runs.
 
-``python -m bench.label_loop loop``: the demo's data with 10 % of the training labels flipped (uniform: any other
-class; confusable: drawn from the clean teacher-fit's val confusion matrix). For each noise kind the teacher and a
-hard-distilled student are trained on the noisy labels; the audit of that teacher's store then writes two relabel
-files (its top N suggestions, N = the number of planted flips, and every suspect of its 0.05 threshold), each
-applied as a label layer (``data.relabel``; the shards are hard links of the noisy ones) and trained again; and
-the clean labels are trained once. Val top-1 of each teacher and student, and what each relabel file fixed.
+Every command first ingests the loop's data and fits its clean teacher (``clean/``): that fit's val confusion
+matrix is what confusable noise draws from (``data.label_noise_confusion``).
 
-``python -m bench.label_loop rank``: the demo-noisy recipe (``configs/demo-noisy.yaml``: 2 % flips) with uniform
-and with confusable flips, audited: each ranking's precision and recall on them (the goal: 85 % of the flips in
-the top 2N and 65 % precision at N on confusable noise).
+``loop``: the demo's training subset (5,000 images) with 10 % of its labels flipped (uniform: any other class;
+confusable: along the clean fit's val confusion). For each kind the teacher and a hard-distilled student are
+trained on the noisy labels; the audit of that teacher's store writes two relabel files: its top N suggestions
+(N = the number of flips) and every suspect of its 0.05 threshold. The top-N file (``--train-threshold``: both) is
+applied as a label layer (``data.relabel``; the shards are hard links of the noisy ones) and the teacher and student
+trained again; the clean labels are trained once. Tables: ``loop.csv`` (val top-1 of each teacher and student, and
+what each relabel file restored and broke) and ``loop-audit.csv`` (each ranking's precision and recall).
 
-The loop's recipe is the demo's with a shorter teacher fit and student (``LOOP``), to fit the study in about an
-hour of 2 CPU cores. Every step resumes: ingest, teacher-fit, the teacher and the students skip what is done, so a
-rerun finishes an interrupted study and then only rewrites the tables (``runs/label-loop/*.csv``).
+``rank-confusable``, ``rank-uniform``: the demo-noisy recipe (``configs/demo-noisy.yaml``: 1,200 flips among 60,000
+images, a 30-epoch teacher fit on the first 5,000) with one noise kind, audited: ``rank.csv`` (the goal on
+confusable flips: 85 % of them in the top 2N and 65 % precision at N). ``rescore``: score the finished runs again
+under every ranking (no training).
+
+The loop's recipe is the demo's with a shorter teacher fit, fewer stored epochs and a shorter student (``LOOP``),
+one seed, to fit the study in the CPU time it had. Every step resumes: ingest, teacher-fit, the teacher and the
+students skip what is done, so a rerun finishes an interrupted study and then only rewrites the tables
+(``runs/label-loop/*.csv``). ``make label-loop`` runs ``rank-confusable loop rank-uniform``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+import store
 from pipeline.audit.frames import load_audit
 from pipeline.audit.rankings import available_rankings, label_issue_order, planted_scores
 from pipeline.core.config import Config, load_config, overridden
@@ -74,7 +81,12 @@ def train_run(cfg: Config, *, with_student: bool = True) -> dict[str, Any]:
 
 def _scores(cfg: Config) -> pd.DataFrame:
     """Each ranking's precision and recall against the planted flips of a run's store."""
-    inputs = load_audit(cfg.store.path, cfg.data.shards)
+    return planted_scores_of(cfg.store.path, cfg.data.shards)
+
+
+def planted_scores_of(store_path: Any, shards: Any) -> pd.DataFrame:
+    """Each ranking's precision and recall against the planted flips of a store and its shards."""
+    inputs = load_audit(store_path, shards)
     orders = {r: label_issue_order(inputs.images, r, inputs.clean_probs) for r in available_rankings()}
     return planted_scores(inputs.images, orders)
 
@@ -154,10 +166,30 @@ def rank(noisy_base: Config, out: Path, confusion: Path, kind: str) -> pd.DataFr
     return df
 
 
+def rescore(out: Path) -> pd.DataFrame:
+    """Every finished noisy run's scores again, under every ranking this environment has (a ranking added after the
+    runs needs no retraining): each run's planted.csv, and rank.csv and loop-audit.csv rebuilt from them."""
+    tables = {}
+    for folder in sorted([*out.glob("*-noisy"), *out.glob("rank-*")]):
+        if (folder / "logits.zarr").is_dir():
+            try:
+                scores = planted_scores_of(folder / "logits.zarr", folder / "shards")
+            except store.MissingUnit:  # its teacher has not finished
+                continue
+            scores.insert(0, "noise", folder.name.removeprefix("rank-").removesuffix("-noisy"))
+            scores.to_csv(folder / "planted.csv", index=False)
+            tables[folder.name] = scores
+    for name, prefix in (("rank.csv", "rank-"), ("loop-audit.csv", "")):
+        mine = [t for k, t in tables.items() if k.startswith("rank-") == bool(prefix)]
+        if mine:
+            pd.concat(mine, ignore_index=True).to_csv(out / name, index=False)
+    return pd.concat(tables.values(), ignore_index=True) if tables else pd.DataFrame()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["loop", "rank-confusable", "rank-uniform"], nargs="+",
-                    help="in this order (the clean run comes first)")
+    ap.add_argument("what", choices=["loop", "rank-confusable", "rank-uniform", "rescore"], nargs="+",
+                    help="in this order (the clean run comes first); rescore: only score the finished runs again")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "label-loop")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine)")
     ap.add_argument("--train-threshold", action="store_true",
@@ -165,13 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    if args.what == ["rescore"]:
+        print(rescore(args.out).to_string())
+        return
     base = overridden(load_config(ROOT / "configs" / "demo.yaml"), LOOP)
     clean = _cfg(base, args.out / "clean", [])
     ingest.run(clean, progress=False)
     teacher_fit.run(clean, progress=False)  # its val confusion drives the confusable noise
     confusion = Path(str(clean.teacher.fit.output)).with_suffix(".json")
     for what in args.what:
-        if what == "loop":
+        if what == "rescore":
+            print(rescore(args.out).to_string())
+        elif what == "loop":
             hows = ("top-n", "threshold") if args.train_threshold else ("top-n",)
             print(loop(base, args.out, hows).to_string())
         else:
