@@ -7,7 +7,7 @@ matrix is what confusable noise draws from (``data.label_noise_confusion``).
 ``loop``: the demo's training subset (5,000 images) with 10 % of its labels flipped (uniform: any other class;
 confusable: along the clean fit's val confusion). For each kind the teacher and a hard-distilled student are
 trained on the noisy labels; the audit of that teacher's store writes two relabel files: its top N suggestions
-(N = the number of flips) and every suspect of its 0.05 threshold. The top-N file (``--train-threshold``: both) is
+(N = the number of flips) and every suspect of its 0.05 threshold. Each (``--top-n-only``: the top-N file) is
 applied as a label layer (``data.relabel``; the shards are hard links of the noisy ones) and the teacher and student
 trained again; the clean labels are trained once. Tables: ``loop.csv`` (val top-1 of each teacher and student, and
 what each relabel file restored and broke) and ``loop-audit.csv`` (each ranking's precision and recall).
@@ -124,7 +124,7 @@ def _corrected(base: Config, noisy: Config, out: Path, kind: str, how: str, n: i
     return {"noise": kind, "labels": f"corrected ({how})", **train_run(cfg), **fixed}
 
 
-def loop(base: Config, out: Path, hows: tuple[str, ...] = ("top-n",)) -> pd.DataFrame:
+def loop(base: Config, out: Path, hows: tuple[str, ...] = ("top-n", "threshold")) -> pd.DataFrame:
     """The loop's table (loop.csv) and the audit's scores on its noisy runs (loop-audit.csv); the students of the
     relabel files in ``hows`` are trained, the others' files only written and scored."""
     clean = _cfg(base, out / "clean", [])
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="in this order (the clean run comes first); rescore: only score the finished runs again")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "label-loop")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine)")
-    ap.add_argument("--train-threshold", action="store_true",
-                    help="loop: also train on the threshold's relabel file (by default only written and scored)")
+    ap.add_argument("--top-n-only", action="store_true",
+                    help="loop: train only on the top-N relabel file (the threshold's is then only written and scored)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         if what == "rescore":
             print(rescore(args.out).to_string())
         elif what == "loop":
-            hows = ("top-n", "threshold") if args.train_threshold else ("top-n",)
+            hows = ("top-n",) if args.top_n_only else ("top-n", "threshold")
             print(loop(base, args.out, hows).to_string())
         else:
             noisy = load_config(ROOT / "configs" / "demo-noisy.yaml")
