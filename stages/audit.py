@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 import store
+from pipeline.audit.corrections import relabel_rows, write_relabel
 from pipeline.audit.frames import AuditInputs, load_audit
 from pipeline.audit.rankings import DEFAULT_RANKING, available_rankings
 from pipeline.audit.tables import audit_frames
@@ -50,13 +51,17 @@ def run(
     ranking: str = DEFAULT_RANKING,
     sheet: int = SHEET,
     allow_view_drift: bool = False,
+    relabel_out: str | None = None,
+    relabel_confidence: float = 0.5,
+    relabel_top: int | None = None,
 ) -> dict[str, Any]:
     """Audit the logit store of ``cfg``; write the report into ``output`` (default runs/audit next to
     evaluate.output) and return the headline figures (also written to audit.json).
 
     The store must come from the shards in cfg.data.shards (same manifest fingerprint), else the class
     names would be wrong: ProvenanceMismatch. Stored views are audited where their units are done; the
-    clean pass must be complete (MissingUnit otherwise).
+    clean pass must be complete (MissingUnit otherwise). ``relabel_out``: also write the suspects the teacher names
+    another class for with at least ``relabel_confidence`` (the first ``relabel_top``) as a relabel file.
     """
     use_storage_options(cfg.storage_options)
     out = location(output) if output is not None else location(cfg.evaluate.output).parent / "audit"
@@ -77,6 +82,9 @@ def run(
     tables.headline["output"] = str(out)
     if inputs.view_drift:
         tables.headline["view_drift"] = inputs.view_drift
+    if relabel_out is not None:
+        rows = relabel_rows(tables.images, inputs.names, confidence=relabel_confidence, top=relabel_top)
+        tables.headline.update(relabel_out=write_relabel(rows, relabel_out), relabel_rows=len(rows))
     write_report(tables, inputs.names, out, top=top, info=info,
                  sheet=contact_sheet_rows(inputs, tables.suspects, sheet) if sheet else None)
     return tables.headline

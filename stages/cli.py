@@ -255,9 +255,11 @@ def evaluate(cfg: Config, students: tuple[str, ...], device: str) -> None:
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
               help="A training image is a suspect when the teacher gives its label less than this probability "
                    "on the image's evaluation view.")
-@click.option("--ranking", type=click.Choice(["p_label", "cleanlab"]), default="p_label", show_default=True,
-              help="Order of the suspects: the label's probability (lowest first), or confident learning's "
-                   "flags first (needs the cleanlab package). With planted flips both are scored.")
+@click.option("--ranking", type=click.Choice(["p_label", "per_class", "cleanlab"]), default="p_label",
+              show_default=True,
+              help="Order of the suspects: the label's probability (lowest first), that probability over its "
+                   "class's mean (per_class), or confident learning's flags first (needs the cleanlab package). "
+                   "With planted flips each is scored.")
 @click.option("--sheet", type=click.IntRange(min=0), default=32, show_default=True,
               help="Suspects on the contact sheet suspects.png (0: none).")
 @click.option("--output", type=click.Path(file_okay=False), default=None,
@@ -265,10 +267,18 @@ def evaluate(cfg: Config, students: tuple[str, ...], device: str) -> None:
 @click.option("--epoch", "epochs", type=click.IntRange(min=0), multiple=True,
               help="Audit only these stored epochs (repeatable; default all). The train frame holds one row "
                    "per stored view, so at ImageNet scale audit a few epochs.")
+@click.option("--relabel-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the suspects as a relabel file (CSV: index, key, label = the teacher's class, ...), "
+                   "the format data.relabel reads, for a person to review.")
+@click.option("--relabel-confidence", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="--relabel-out keeps the suspects whose teacher top-1 has at least this probability.")
+@click.option("--relabel-top", type=click.IntRange(min=1), default=None,
+              help="--relabel-out keeps only the first N of them, most suspect first.")
 @_drift_option
 @friendly
 def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, output: str | None,
-          epochs: tuple[int, ...], allow_view_drift: bool) -> None:
+          epochs: tuple[int, ...], relabel_out: str | None, relabel_confidence: float, relabel_top: int | None,
+          allow_view_drift: bool) -> None:
     """Which training labels are probably wrong, and where the teacher disagrees with the labels.
 
     Ranks every ingested training image by the teacher's probability of its label on the image's
@@ -280,10 +290,11 @@ def audit(cfg: Config, top: int, threshold: float, ranking: str, sheet: int, out
     from stages import audit as stage
 
     result = stage.run(cfg, top=top, output=output, threshold=threshold, ranking=ranking, sheet=sheet,
-                       epochs=list(epochs) or None, allow_view_drift=allow_view_drift)
+                       epochs=list(epochs) or None, allow_view_drift=allow_view_drift, relabel_out=relabel_out,
+                       relabel_confidence=relabel_confidence, relabel_top=relabel_top)
     click.echo(f"audit: {result['output']}")
     for key in ("clean_disagreement", "val_disagreement", "weighted_agreement", "suspects", "val_suspects",
-                "planted", "planted_precision_at_n", "planted_recall_at_2n"):
+                "planted", "planted_precision_at_n", "planted_recall_at_2n", "relabel_rows", "relabel_out"):
         if result.get(key) is not None:
             value = result[key]
             click.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

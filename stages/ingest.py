@@ -23,9 +23,11 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.core.config import Config, canonical_hash
-from pipeline.core.files import is_url, location, sha256_file, use_storage_options
+from pipeline.core.files import atomic_write_json, is_url, location, sha256_file, use_storage_options
 from pipeline.core.progress import progress_bar
 from pipeline.data.freshness import shard_files_present, unchanged, verify_shards, write_stamp
+from pipeline.data.labels import config_layer
+from pipeline.data.noise import draw_flips, load_confusion, matrix_digest
 from pipeline.data.shard_index import build_index, index_name, write_index
 from pipeline.data.shards import (
     MANIFEST_NAME,
@@ -46,8 +48,6 @@ __all__ = ["IngestError", "run", "shuffle_records", "input_key"]
 # Seed stream of each split: the permutation of split s is drawn from
 # default_rng(SeedSequence(seed, spawn_key=(SPLIT_STREAM[s],))).
 SPLIT_STREAM = {"train": 0, "val": 1}
-NOISE_STREAM = 2
-"""The seed stream of the planted label noise (data.label_noise)."""
 _SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)$")
 
 
@@ -98,15 +98,20 @@ def _shard_entry(tmp: Path, split: str, n: int, start: int, end: int) -> dict[st
             "sha256": sha256_file(path), "index": idx.name, "index_sha256": sha256_file(idx)}
 
 
-def plant_label_noise(records: list[Record], fraction: float, seed: int, num_classes: int) -> dict[int, int]:
-    """Positions of a seeded ``fraction`` of the records, each with another class drawn for it."""
-    n = round(fraction * len(records))
-    if n == 0 or num_classes < 2:
-        return {}
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(NOISE_STREAM,)))
-    positions = rng.choice(len(records), size=n, replace=False)
-    shift = rng.integers(1, num_classes, size=n)
-    return {int(p): (records[p].label + int(d)) % num_classes for p, d in zip(positions, shift, strict=True)}
+def noise_matrix(config: Config, num_classes: int) -> np.ndarray | None:
+    """The confusion matrix confusable noise draws from (None: uniform noise, or none)."""
+    data = config.data
+    if data.label_noise == 0 or data.label_noise_kind == "uniform":
+        return None
+    return load_confusion(data.label_noise_confusion, num_classes)
+
+
+def plant_label_noise(records: list[Record], config: Config, num_classes: int,
+                      confusion: np.ndarray | None) -> dict[int, int]:
+    """Positions of a seeded ``data.label_noise`` fraction of the records, each with the class it is flipped to
+    (pipeline.data.noise)."""
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    return draw_flips(labels, config.data.label_noise, config.seed, num_classes, confusion)
 
 
 def _write_split(tmp: Path, split: str, records: list[Record], shard_size: int, allow_corrupt: bool,
@@ -152,6 +157,22 @@ def _write_split(tmp: Path, split: str, records: list[Record], shard_size: int, 
                 with contextlib.suppress(Exception):
                     writer.close()
     return {"count": index, "shards": shards, "skipped": skipped, **({"planted": planted} if planted else {})}
+
+
+def apply_label_layer(manifest: Manifest, relabel: str | None, *, stamp: bool = True) -> Manifest:
+    """The manifest with ``data.relabel``'s label layer, rewritten (only the manifest) when that changes it: the
+    whole file is checked first, so a bad row changes nothing."""
+    layer = config_layer(manifest, relabel)
+    if layer == manifest.split("train").relabel:
+        return manifest
+    m = manifest.with_relabel(layer)
+    atomic_write_json(m.file(MANIFEST_NAME), m.to_dict(), ensure_ascii=False)
+    if stamp:
+        write_stamp(m)
+    dropped = sum(r.label is None for r in layer)
+    print(f"label layer: {len(layer) - dropped} label(s) corrected, {dropped} dropped, from {relabel} "
+          f"(the manifest only; the shards are unchanged)")
+    return m
 
 
 def _remove_stale(out: Path) -> None:
@@ -213,7 +234,8 @@ def _write_all(tmp: Path, config: Config, source: Source, splits: dict[str, list
                key: str, progress: bool) -> Manifest:
     """Every split's shards, their indexes and the manifest, into the local folder ``tmp``."""
     data = config.data
-    flips = {"train": plant_label_noise(splits["train"], data.label_noise, config.seed, len(source.classes))}
+    c = len(source.classes)
+    flips = {"train": plant_label_noise(splits["train"], config, c, noise_matrix(config, c))}
     written = {
         split: _write_split(tmp, split, recs, data.shard_size, data.allow_corrupt, progress, flips.get(split))
         for split, recs in splits.items()
@@ -253,11 +275,14 @@ def run(config: Config, *, progress: bool = True, rehash: bool = False) -> Path:
     out = location(data.shards) if is_url(data.shards) else Path(str(data.shards)).absolute()
     t0 = time.perf_counter()
     source = read_source(data)
-    config_hash = data_config_hash(config)
+    matrix = noise_matrix(config, len(source.classes))
+    config_hash = data_config_hash(config) if matrix is None else canonical_hash([data_config_hash(config),
+                                                                                 matrix_digest(matrix)])
     key = input_key(source)
 
     current = _current(out, config_hash, key, rehash)
     if current is not None:
+        current = apply_label_layer(current, data.relabel)
         print(f"shards up to date (fingerprint {current.fingerprint[:16]}) in {out}")
         return out
 
@@ -269,6 +294,7 @@ def run(config: Config, *, progress: bool = True, rehash: bool = False) -> Path:
     tmp = _staging(out)
     try:
         manifest = _write_all(tmp, config, source, splits, config_hash, key, progress)
+        manifest = apply_label_layer(manifest, data.relabel, stamp=False)
         _upload(tmp, out) if is_url(out) else _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone by now locally: renamed into place

@@ -54,10 +54,14 @@ def _existing_hash(path: Path) -> str | None:
         return None
 
 
-def evaluate_top1(model: torch.nn.Module, manifest: Manifest, cfg: Config, device: torch.device) -> float:
-    """Top-1 accuracy on the val shards (evaluation views)."""
+def evaluate_top1(model: torch.nn.Module, manifest: Manifest, cfg: Config,
+                  device: torch.device) -> tuple[float, list[list[int]]]:
+    """Top-1 accuracy on the val shards (evaluation views), and the val confusion matrix (rows: label, columns:
+    the model's top-1), which confusable label noise can draw from (``data.label_noise_confusion``)."""
     out = collect_logits(model, make_loader(val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size), 0), device)
-    return topk_accuracy(out["logits"], out["label"], 1)
+    c = manifest.num_classes
+    pairs = out["label"].long() * c + out["logits"].argmax(1).long()
+    return topk_accuracy(out["logits"], out["label"], 1), torch.bincount(pairs, minlength=c * c).view(c, c).tolist()
 
 
 def _trainer(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.device) -> Trainer:
@@ -122,7 +126,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     model.to(env.device)
     t0 = time.perf_counter()
     history = _fit(cfg, manifest, model, env.device, progress)
-    top1 = evaluate_top1(model, manifest, cfg, env.device)
+    top1, confusion = evaluate_top1(model, manifest, cfg, env.device)
     elapsed = time.perf_counter() - t0
     meta = {
         "model": cfg.teacher.model,
@@ -137,6 +141,7 @@ def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool
     }
     model.cpu()
     sha = save_teacher_checkpoint(model, out, meta)
-    atomic_write_json(out.with_suffix(".json"), {**meta, "sha256": sha, "history": history}, sort_keys=False)
+    atomic_write_json(out.with_suffix(".json"), {**meta, "sha256": sha, "history": history, "val_confusion": confusion},
+                      sort_keys=False)
     print(f"teacher-fit: val top-1 {top1:.4f} after {fit.epochs} epochs ({elapsed:.0f} s) -> {out} (sha256 {sha[:12]})")
     return out

@@ -69,16 +69,19 @@ def _check_classes(classes: Sequence[str] | None, num_classes: int) -> list[str]
 
 
 def _add_names(df: pd.DataFrame, names: list[str] | None) -> pd.DataFrame:
-    """label_name / teacher_name: categoricals over all class names (plain strings if names repeat)."""
+    """label_name / teacher_name: categoricals over all class names (plain strings if names repeat); missing for a
+    dropped label (``num_classes``: no class)."""
     if names is None:
         return df
     unique = len(set(names)) == len(names)
     for col in ("label", "teacher"):
         codes = df[col].to_numpy()
+        codes = np.where(codes < len(names), codes, -1)
         if unique:
             df[f"{col}_name"] = pd.Categorical.from_codes(codes, categories=names)
         else:
-            df[f"{col}_name"] = pd.Series(np.asarray(names, dtype=object)[codes], index=df.index, dtype="string")
+            named = np.append(np.asarray(names, dtype=object), None)[codes]
+            df[f"{col}_name"] = pd.Series(named, index=df.index, dtype="string")
     return df
 
 

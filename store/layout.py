@@ -41,8 +41,9 @@ SPEC_IDENTITY = ("num_classes", "epochs", "topk", "train_ranges", "val_ranges", 
 
 
 def label_dtype(num_classes: int) -> np.dtype:
-    """The dtype of class ids in the store: uint16 below 65,536 classes."""
-    return np.dtype(np.uint16) if num_classes <= 65535 else np.dtype(np.int32)
+    """The dtype of class ids in the store: uint16 below 65,535 classes (a label may be ``num_classes``, a dropped one,
+    and the largest uint16 is the fill value)."""
+    return np.dtype(np.uint16) if num_classes < 65535 else np.dtype(np.int32)
 
 
 @dataclass(frozen=True)

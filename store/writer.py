@@ -49,7 +49,7 @@ def _targets(where: str, spec: StoreSpec, n: int, topk_logits, topk_classes, log
         raise ValueError(f"{where}: topk_logits rows must be sorted by logit, descending")
     tc = _ints(where, "topk_classes", _arr(where, "topk_classes", topk_classes, (n, k), "i"), 0, c, lab)
     lse = _floats(where, "logsumexp", _arr(where, "logsumexp", logsumexp, (n,), "f"), np.float32)
-    lb = _ints(where, "label", _arr(where, "label", label, (n,), "i"), 0, c, lab)
+    lb = _ints(where, "label", _arr(where, "label", label, (n,), "i"), 0, c + 1, lab)  # c: a dropped label
     return {"topk_logits": tl.view(np.uint16), "topk_classes": tc, "logsumexp": lse, "label": lb}
 
 

@@ -18,6 +18,7 @@ from conftest import ROOT, make_config, make_idx
 
 import store
 from pipeline.audit import rankings, tables
+from pipeline.data.labels import read_relabel
 from pipeline.data.shards import ShardError, load_manifest, open_shards, run_manifest
 from pipeline.views import canary
 from stages import audit, audit_report, ingest
@@ -403,6 +404,19 @@ def test_run_writes_the_report(planted, tmp_path):
                  "![audit](audit.png)", "![top suspects](suspects.png)"):
         assert text in md
     assert "| teacher != label, val | 16.67% |" in md
+
+
+def test_relabel_out_writes_the_suspects_in_the_format_data_relabel_reads(planted, tmp_path):
+    path = tmp_path / "relabel.csv"
+    h = audit.run(planted.cfg, top=3, output=tmp_path / "report", relabel_out=str(path), relabel_confidence=0.0,
+                  sheet=0)
+    fixes = read_relabel(str(path), len(planted.labels), NAMES)
+    assert h["relabel_rows"] == 3 and [r.index for r in fixes] == sorted(planted.confident)
+    assert all(r.label == (int(planted.labels[r.index]) + 1) % C for r in fixes)  # the teacher's class
+    assert pd.read_csv(path)["label"].tolist()[0] == NAMES[(int(planted.labels[planted.confident[0]]) + 1) % C]
+    audit.run(planted.cfg, top=3, output=tmp_path / "report", relabel_out=str(path), relabel_confidence=0.99,
+              relabel_top=1, sheet=0)
+    assert len(read_relabel(str(path), len(planted.labels), NAMES)) <= 1
 
 
 def test_run_default_output_and_missing_manifest(planted, tmp_path):

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from conftest import make_config, make_idx
 
-from pipeline.audit.rankings import RankingError, label_issue_order
+from pipeline.audit.rankings import RankingError, class_thresholds, label_issue_order
 from pipeline.core.errors import DistillError
 from pipeline.data.shards import load_manifest, shard_samples
 from stages import audit, ingest, teacher, teacher_fit
@@ -101,3 +101,20 @@ def test_cleanlab_ranking_without_the_package_is_refused_naming_the_package(monk
     with pytest.raises(RankingError, match=r'pip install -e "\.\[cleanlab\]"'):
         label_issue_order(images, "cleanlab", lambda: np.eye(2))
     assert issubclass(RankingError, DistillError)
+
+
+def test_per_class_ranking_divides_p_label_by_its_classs_mean_apart_for_the_fit_subset():
+    """Class 0 is hard for the teacher (its right labels get 0.3), class 1 easy (0.9): p_label lists class 0's right
+    labels before class 1's flip; per_class puts both flips first. Images the teacher was fit on get thresholds of
+    their own (their in-sample probabilities run higher)."""
+    p = [0.3] * 6 + [0.2] + [0.9] * 6 + [0.35]
+    images = pd.DataFrame({"label": [0] * 7 + [1] * 7, "p_label": p, "in_fit_subset": pd.array([pd.NA] * 14,
+                                                                                                 dtype="boolean"),
+                           "planted": [False] * 6 + [True] + [False] * 6 + [True]})
+    assert set(label_issue_order(images, "p_label")[:2]) != {6, 13}
+    assert set(label_issue_order(images, "per_class")[:2]) == {6, 13}
+    t = class_thresholds(images)
+    assert t[0] == pytest.approx(2.0 / 7) and t[7] == pytest.approx(5.75 / 7)
+    fit = images.assign(p_label=[0.3] * 7 + [0.9] * 7, in_fit_subset=pd.array([True] + [False] * 13, dtype="boolean"))
+    t = class_thresholds(fit)
+    assert t[0] == pytest.approx(0.3) and t[1] == pytest.approx(0.3) and t[7] == pytest.approx(0.9)

@@ -48,7 +48,7 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     work = tmp / "repo"
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    for code in ("pipeline", "stages", "store"):  # the code dvc.yaml lists as dependencies
+    for code in ("pipeline", "stages", "store", "labels"):  # the code (and relabel files) dvc.yaml lists as deps
         shutil.copytree(ROOT / code, work / code, ignore=shutil.ignore_patterns("__pycache__"))
     (work / "params.yaml").write_text(yaml.safe_dump(_tiny_config(idx)))  # the config dvc.yaml runs
     shutil.copy(ROOT / ".gitignore", work / ".gitignore")  # git keeps the DVC metrics, as in the project
@@ -101,6 +101,21 @@ def test_a_change_to_the_view_code_makes_the_stages_that_use_views_stale(repo):
     for stage in ("teacher-fit:", "teacher:", "student@none:", "student@hard:", "evaluate:"):  # eval views too
         assert stage in out
     assert "ingest:" not in out
+    assert "up to date" in _run([dvc, "status"], work, env).stdout
+
+
+def test_an_edited_relabel_file_makes_ingest_stale(repo):
+    """Relabel files live in labels/, a dependency of ingest: an edit re-runs ingest, which rewrites the manifest's
+    label layer, and every later stage depends on the shards folder that holds it."""
+    work, env = repo
+    dvc = str(Path(sys.executable).parent / "dvc")
+    fixes = work / "labels" / "fixes.csv"
+    fixes.write_text("index,label\n3,drop\n")
+    try:
+        out = _run([dvc, "status"], work, env).stdout
+    finally:
+        fixes.unlink()
+    assert "ingest:" in out and "labels" in out
     assert "up to date" in _run([dvc, "status"], work, env).stdout
 
 

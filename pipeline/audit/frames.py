@@ -44,9 +44,24 @@ class AuditInputs:
     val_images: pd.DataFrame | None
     view_drift: str | None = None
     """What differs between the store's canary views and this environment's (``allow_view_drift``)."""
+    kept: np.ndarray | None = None
+    """The clean pass's rows in ``images`` (None: all): a dropped label (the manifest's label layer) is not audited."""
 
     def clean_probs(self) -> np.ndarray:
-        return store.split_probs(self.group, "clean")
+        probs = store.split_probs(self.group, "clean")
+        return probs if self.kept is None else probs[self.kept]
+
+
+def without_dropped(df: pd.DataFrame, num_classes: int) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """A frame less its rows whose label was dropped (``num_classes``), partner labels of dropped samples missing;
+    and the kept rows' positions (None: every row kept)."""
+    keep = (df["label"] < num_classes).to_numpy()
+    if "partner_label" in df:
+        df = df.assign(partner_label=df["partner_label"].mask(df["partner_label"] >= num_classes))
+        df = df.assign(dominant=df["dominant"].mask(df["dominant"] >= num_classes))
+    if keep.all():
+        return df, None
+    return df[keep].reset_index(drop=True), np.flatnonzero(keep)
 
 
 def _manifests(shards: Location) -> Manifest | None:
@@ -75,8 +90,9 @@ def load_audit(store_path: Location, shards: Location, *, epochs: Sequence[int] 
     names = list(full.classes) if full is not None else [str(i) for i in range(spec.num_classes)]
     if epochs is not None and any(not 0 <= e < spec.epochs for e in epochs):
         raise store.StoreError(f"audit --epoch {sorted(epochs)}: {store_path} holds epochs 0..{spec.epochs - 1}")
-    train = store.train_frame(group, store_plans(group), classes=names, epochs=epochs)
-    clean = _split(group, "clean", names)
+    train, _ = without_dropped(store.train_frame(group, store_plans(group), classes=names, epochs=epochs),
+                               spec.num_classes)
+    clean, kept = without_dropped(_split(group, "clean", names), spec.num_classes)
     files = ([s.file for s in full.shards("train")] if full is not None
              else [shard_name("train", s) for s in range(len(spec.clean_ranges))])
     images = image_table(
@@ -94,4 +110,4 @@ def load_audit(store_path: Location, shards: Location, *, epochs: Sequence[int] 
         vfiles = ([s.file for s in full.shards("val")] if full is not None
                   else [shard_name("val", s) for s in range(spec.n_val_shards)])
         val_images = image_table(val, names, fit_samples=0, files=vfiles)
-    return AuditInputs(group, spec, names, full, train, val, val_note, images, val_images, drift)
+    return AuditInputs(group, spec, names, full, train, val, val_note, images, val_images, drift, kept)

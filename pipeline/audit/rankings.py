@@ -10,12 +10,17 @@ weight in the blend (λ for the sample, 1 − λ for its Mixup/CutMix partner, 1
 Rankings (most suspect first), scored against planted flips by :func:`planted_scores`:
 
 - ``p_label``: the teacher's probability of the given label, lowest first (a plain threshold).
+- ``per_class``: p_label over its class's threshold, lowest first: the threshold of class y is the mean p_label of
+  the images labelled y (confident learning's per-class threshold), taken apart for the images the teacher was fit
+  on (their probabilities are in-sample, higher) and the others. A class the teacher finds hard (Fashion-MNIST's
+  shirt) no longer fills the top of the list with its right labels, which is where confusable noise hides.
 - ``cleanlab``: confident learning (``cleanlab.filter.find_label_issues``: per-class thresholds from
   the teacher's probabilities) puts the images it flags first, then the rest, each by p_label.
   Needs the optional ``cleanlab`` package (``pip install -e ".[cleanlab]"``).
 
 On Fashion-MNIST with 2 % planted flips the plain ranking found more of them in its top 2N than
-confident learning did (docs/audit.md), so it is the default. Suspects are the
+confident learning did (docs/audit.md), so it is the default; on confusable flips ``per_class``
+does better (docs/audit.md, "Fixing labels"). Suspects are the
 images whose label the teacher gives less than a threshold probability, listed in ranking order.
 """
 
@@ -37,6 +42,7 @@ __all__ = [
     "label_issue_order",
     "planted_scores",
     "available_rankings",
+    "class_thresholds",
     "view_agreement",
 ]
 
@@ -44,7 +50,7 @@ class RankingError(DistillError, ValueError):
     """A ranking that is unknown, or whose package is not installed."""
 
 
-RANKINGS = ("p_label", "cleanlab")
+RANKINGS = ("p_label", "per_class", "cleanlab")
 DEFAULT_RANKING = "p_label"
 """The ranking the audit lists suspects by; chosen on planted flips (docs/audit.md)."""
 
@@ -96,11 +102,14 @@ def image_table(
     Columns: index, key, shard, file, label, label_name, teacher, teacher_name, p_teacher, p_label,
     margin (p_label − the largest other probability), in_fit_subset (nullable: unknown when the teacher's
     checkpoint does not say), in_train (one of the students' ``train_samples``), views, view_weight,
-    view_agreement, planted and true_label (the label before a planted flip, <NA> elsewhere).
+    view_agreement, planted and true_label (the label before a planted flip the label layer has not corrected,
+    <NA> elsewhere). ``clean`` may leave images out (dropped labels): rows follow its ``index``.
     """
     n = len(clean)
     labels = clean["label"].to_numpy()
-    out = clean[["index", "shard", "label", "teacher", "p_teacher", "p_label"]].copy()
+    idx = clean["index"].to_numpy()
+    n_all = int(idx.max()) + 1 if n else 0
+    out = clean[["index", "shard", "label", "teacher", "p_teacher", "p_label"]].reset_index(drop=True)
     out.insert(1, "key", [sample_key(int(i)) for i in out["index"]])
     out.insert(3, "file", [files[s] if files is not None else "" for s in out["shard"]])
     out.insert(5, "label_name", np.asarray(names, dtype=object)[labels])
@@ -109,15 +118,18 @@ def image_table(
     fit = pd.array([pd.NA] * n, dtype="boolean") if fit_samples is None else out["index"] < fit_samples
     out["in_fit_subset"] = fit
     out["in_train"] = out["index"] < train_samples
-    views = view_agreement(train, n) if train is not None and len(train) else None
+    views = view_agreement(train, n_all).iloc[idx].reset_index(drop=True) if train is not None and len(train) else None
     out["views"] = views["views"] if views is not None else 0
     out["view_weight"] = views["view_weight"] if views is not None else 0.0
     out["view_agreement"] = views["view_agreement"] if views is not None else np.nan
-    true = pd.array([pd.NA] * n, dtype="Int64")
+    true = np.full(n_all, -1, dtype=np.int64)
     for p in planted:
-        true[p.index] = p.true
-    out["planted"] = ~pd.isna(true)
-    out["true_label"] = true
+        if p.index < n_all:
+            true[p.index] = p.true
+    true = true[idx]
+    wrong = (true >= 0) & (true != labels)  # a flip the label layer corrected is no longer wrong
+    out["planted"] = wrong
+    out["true_label"] = pd.Series(true, dtype="Int64").mask(~wrong)
     return out
 
 
@@ -143,6 +155,25 @@ def _cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return find_label_issues(labels, p / p.sum(axis=1, keepdims=True), filter_by="prune_by_noise_rate")
 
 
+def class_thresholds(images: pd.DataFrame) -> np.ndarray:
+    """Per row of an :func:`image_table`, the mean p_label of the images with its label (confident learning's
+    per-class threshold), among the images on the same side of the teacher's fit subset when that is known:
+    in-sample probabilities run higher, and would set the out-of-sample images' thresholds too high."""
+    labels = images["label"].to_numpy()
+    p = images["p_label"].to_numpy(dtype=np.float64)
+    fit = np.zeros(len(p), dtype=bool)
+    if "in_fit_subset" in images:
+        fit = images["in_fit_subset"].fillna(False).to_numpy(dtype=bool)
+    c = int(labels.max()) + 1 if len(labels) else 0
+    out = np.ones(len(p))
+    for side in (fit, ~fit):
+        sums = np.bincount(labels[side], weights=p[side], minlength=c)
+        counts = np.bincount(labels[side], minlength=c)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[side] = (sums / counts)[labels[side]]
+    return np.maximum(out, 1e-6)
+
+
 def label_issue_order(
     images: pd.DataFrame, ranking: str = DEFAULT_RANKING, probs: Callable[[], np.ndarray] | None = None
 ) -> np.ndarray:
@@ -153,6 +184,8 @@ def label_issue_order(
     pos, p_label = np.arange(len(images)), images["p_label"].to_numpy()
     if ranking == "p_label":
         return np.lexsort((pos, p_label))
+    if ranking == "per_class":
+        return np.lexsort((pos, p_label / class_thresholds(images)))
     if probs is None:
         raise RankingError("audit ranking 'cleanlab' needs the teacher's dense probabilities")
     flags = _cleanlab_flags(images["label"].to_numpy(), probs())

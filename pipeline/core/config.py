@@ -73,6 +73,16 @@ class DataConfig(Strict):
     label_noise: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     """Flip this seeded fraction of the training labels to another class, on purpose (recorded in the manifest):
     to score the label audit on known errors."""
+    label_noise_kind: Literal["uniform", "confusable"] = "uniform"
+    """uniform: any other class; confusable: another class drawn from the row of ``label_noise_confusion`` (the
+    classes the data's own confusion makes likely), as real label noise is."""
+    label_noise_confusion: Location | list[list[NonNegFloat]] | None = None
+    """confusable noise: a C x C matrix (rows: true class, columns: the class it is confused with; the diagonal is
+    ignored), inline or a file: a teacher-fit report (``teacher.fit.output`` with ``.json``: its ``val_confusion``)
+    or a JSON/YAML list of rows."""
+    relabel: Location | None = None
+    """Corrections to the training labels (CSV or parquet: ``index`` or ``key``, ``label``: a class id, a class
+    name or ``drop``), applied by ingest as the manifest's label layer: the shards are not rewritten."""
 
     @model_validator(mode="after")
     def _roots_for_source(self) -> DataConfig:
@@ -82,6 +92,13 @@ class DataConfig(Strict):
             raise ValueError(
                 "data.train_root and data.val_root are required when data.source is 'imagefolder'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _confusion_for_confusable(self) -> DataConfig:
+        if self.label_noise_kind == "confusable" and self.label_noise_confusion is None:
+            raise ValueError("data.label_noise_kind 'confusable' needs data.label_noise_confusion (a C x C matrix, or "
+                             "a teacher-fit report whose val_confusion gives it)")
         return self
 
 

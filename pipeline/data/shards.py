@@ -16,7 +16,8 @@ trailing newline, no timestamps) is::
      "splits": {"train": {"count": N, "shards": [{"file", "start", "end", "count", "size", "sha256",
                                                   "index", "index_sha256"}],
                           "skipped": [{"path", "reason"}],
-                          "planted": [{"index", "true", "given"}]},   # only with data.label_noise
+                          "planted": [{"index", "true", "given"}],    # only with data.label_noise
+                          "relabel": [{"index", "label"}]},           # only with data.relabel (label null: dropped)
                 "val": {...}},
      "image": {"channels_hint": 1|3},
      "fingerprint": sha256 of the canonical JSON of everything else}
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from pipeline.core.config import Config, canonical_hash
 from pipeline.core.errors import DistillError
 from pipeline.core.files import atomic_write_json, is_url, location
+from pipeline.data.labels import Relabel, check_label_layer, relabelled
 from pipeline.data.shard_index import GAP, load_index, read_positions, read_samples
 from store.objects import local_path
 
@@ -48,10 +50,11 @@ FORMAT = 2
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 IMAGE_FIELDS = ("jpg", "png")
-# Fields of DataConfig that say where things are, not what the data is: left out of config_hash so
-# the same data ingested from or into another folder gets the same manifest.
-LOCATION_FIELDS = ("shards", "root", "train_root", "val_root", "train_shards")
-"""Data fields that do not change what ingest writes (where things are; which shards later stages use)."""
+LOCATION_FIELDS = ("shards", "root", "train_root", "val_root", "train_shards", "relabel")
+"""Data fields left out of config_hash: they do not change the shards (where things are; which shards later stages
+use; the label layer, which only the manifest holds)."""
+NEW_DEFAULTS = {"label_noise_kind": "uniform", "label_noise_confusion": None}
+"""Data fields added later: left out of config_hash at these values, so older shards stay up to date."""
 
 
 class ShardError(DistillError, ValueError):
@@ -71,6 +74,9 @@ def data_config_hash(config: Config) -> str:
     data = config.model_dump(mode="json")["data"]
     for k in LOCATION_FIELDS:
         data.pop(k, None)
+    for k, default in NEW_DEFAULTS.items():
+        if data.get(k) == default:
+            data.pop(k, None)
     return canonical_hash({"data": data, "seed": config.seed})
 
 
@@ -110,12 +116,15 @@ class SplitInfo(_Frozen):
     shards: list[ShardInfo]
     skipped: list[Skipped] = []
     planted: list[Planted] = []
+    relabel: list[Relabel] = []
+    """The label layer (pipeline.data.labels), sorted by index."""
 
     @model_serializer(mode="wrap")
-    def _without_empty_planted(self, handler: Any) -> dict[str, Any]:
+    def _without_empty_lists(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        if not self.planted:  # written only with data.label_noise: older manifests keep their fingerprints
-            out.pop("planted", None)
+        for name in ("planted", "relabel"):  # written only when used: older manifests keep their fingerprints
+            if not getattr(self, name):
+                out.pop(name, None)
         return out
 
 
@@ -181,6 +190,16 @@ class Manifest(_Frozen):
                 return i
         raise ShardError(f"{path}: not a {split} shard of {self.file(MANIFEST_NAME)}")
 
+    def label_layer(self, split: str) -> dict[int, int]:
+        """The split's corrected labels by index (``num_classes`` for a dropped one); empty without a layer."""
+        return {r.index: self.num_classes if r.label is None else r.label for r in self.split(split).relabel}
+
+    def with_relabel(self, relabel: list[Relabel]) -> Manifest:
+        """The same shards with another train label layer, and the fingerprint of that content."""
+        splits = {**self.splits, "train": self.split("train").model_copy(update={"relabel": relabel})}
+        m = self.model_copy(update={"splits": splits})
+        return m.model_copy(update={"fingerprint": canonical_hash(m.body())})
+
     @property
     def channels_hint(self) -> int:
         return int(self.image["channels_hint"])
@@ -200,7 +219,9 @@ class Manifest(_Frozen):
         kept = train.shards[:n]
         n = sum(s.count for s in kept)
         planted = [p for p in train.planted if p.index < n]
-        splits = {**self.splits, "train": SplitInfo(count=n, shards=kept, skipped=train.skipped, planted=planted)}
+        relabel = [r for r in train.relabel if r.index < n]
+        splits = {**self.splits, "train": SplitInfo(count=n, shards=kept, skipped=train.skipped, planted=planted,
+                                                    relabel=relabel)}
         fp = hashlib.sha256(f"{self.fingerprint}:train_shards={n}".encode()).hexdigest()
         return self.model_copy(update={"splits": splits, "fingerprint": fp})
 
@@ -219,8 +240,10 @@ def _from_dict(root: str, d: dict[str, Any], where: str) -> Manifest:
 
 
 def open_shards(config: Config) -> Manifest:
-    """The manifest a run works on: ``data.shards``, cut to ``data.train_shards`` when set."""
+    """The manifest a run works on: ``data.shards``, cut to ``data.train_shards`` when set; refused when its label
+    layer is not ``data.relabel``'s (ingest applies it)."""
     m = load_manifest(config.data.shards)
+    check_label_layer(m, config.data.relabel)
     n = config.data.train_shards
     if n is None:
         return m
@@ -341,7 +364,8 @@ def shard_samples(manifest: Manifest, split: str, shard: int, first: int = 0,
     (see :mod:`pipeline.data.shard_index`); the whole shard by default."""
     info = manifest.shards(split)[shard]
     index = load_index(manifest.file(info.index), info.index_sha256, info.count)
-    return read_samples(manifest.file(info.file), index, first, count, first_index=info.start)
+    samples = read_samples(manifest.file(info.file), index, first, count, first_index=info.start)
+    return relabelled(samples, manifest.label_layer(split))
 
 
 def shard_positions(manifest: Manifest, split: str, shard: int, positions: Sequence[int] | np.ndarray,
@@ -350,7 +374,8 @@ def shard_positions(manifest: Manifest, split: str, shard: int, positions: Seque
     ranges as they allow (see :func:`pipeline.data.shard_index.read_positions`)."""
     info = manifest.shards(split)[shard]
     index = load_index(manifest.file(info.index), info.index_sha256, info.count)
-    return read_positions(manifest.file(info.file), index, np.asarray(positions), first_index=info.start, gap=gap)
+    samples = read_positions(manifest.file(info.file), index, np.asarray(positions), first_index=info.start, gap=gap)
+    return relabelled(samples, manifest.label_layer(split))
 
 
 def load_images(manifest: Manifest, split: str, indices: Sequence[int]) -> list[Image.Image]:

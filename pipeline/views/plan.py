@@ -101,12 +101,16 @@ def epoch_plan(aug: AugConfig, seed: int, view_epoch: int, shard: int, start: in
 def soft_target(
     label: int, partner_label: int, lam: float, num_classes: int, smoothing: float
 ) -> np.ndarray:
-    """timm's mixup_target for one sample: λ·smooth(y) + (1-λ)·smooth(y_partner)."""
+    """timm's mixup_target for one sample: λ·smooth(y) + (1-λ)·smooth(y_partner). A dropped label (``num_classes``:
+    pipeline.data.labels) puts no mass in it: its share of the target is left out, so no head learns it."""
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
-    target = np.full(num_classes, off * lam + off * (1.0 - lam), dtype=np.float64)
-    target[label] += (on - off) * lam
-    target[partner_label] += (on - off) * (1.0 - lam)
+    own, other = label < num_classes, partner_label < num_classes
+    target = np.full(num_classes, off * lam * own + off * (1.0 - lam) * other, dtype=np.float64)
+    if own:
+        target[label] += (on - off) * lam
+    if other:
+        target[partner_label] += (on - off) * (1.0 - lam)
     return target.astype(np.float32)
 
 

@@ -158,7 +158,8 @@ def eval_unit(
         if index != expected:
             raise ReplayError(f"{source}: expected sample index {expected}, found {index}")
         target = torch.zeros(num_classes)
-        target[label] = 1.0
+        if label < num_classes:  # a dropped label (pipeline.data.labels): no target
+            target[label] = 1.0
         yield Sample(index=index, label=label, target=target, view=transform(img))
         expected += 1
     if expected != end:
