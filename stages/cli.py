@@ -318,16 +318,12 @@ def estimate(cfg: Config, rates_file: Path | None, seconds: float) -> None:
     Times a few batches of the config's teacher and student (training and inference) and of its views, counts
     the images each stage handles, and prints the predicted time of every stage and the total.
     """
-    import json
-
-    from pipeline.train.rates import Rates
     from stages import estimate as stage
 
     try:
-        rates = Rates(**json.loads(rates_file.read_text())) if rates_file is not None else None
-    except (TypeError, ValueError) as e:
-        raise click.BadParameter(f"{rates_file}: not a JSON object of the rates {list(Rates.__dataclass_fields__)} "
-                                 f"({e})", param_hint="--rates") from None
+        rates = stage.read_rates(rates_file) if rates_file is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--rates") from None
     click.echo(stage.run(cfg, rates=rates, seconds=seconds)[1])
 
 

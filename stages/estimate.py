@@ -9,7 +9,9 @@ config costs there.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.core.config import Config
 from pipeline.data.shards import MANIFEST_NAME, load_manifest
@@ -82,6 +84,15 @@ def table(cfg: Config, n: Counts, r: Rates, predicted: dict[str, float]) -> str:
 def _clock(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     return f"{m:3d} min {s:02d} s"
+
+
+def read_rates(path: Path) -> Rates:
+    """Another machine's rates from a JSON object with the keys ``distill estimate`` prints (ValueError naming the
+    file otherwise)."""
+    try:
+        return Rates(**json.loads(path.read_text()))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a JSON object of the rates {list(Rates.__dataclass_fields__)} ({e})") from None
 
 
 def run(cfg: Config, *, rates: Rates | None = None, seconds: float = 2.0) -> tuple[dict[str, float], str]:
