@@ -263,16 +263,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-LONGEST_FIRST = ("test_rehearsal.py", "test_pipeline_dvc.py", "test_s3.py", "test_cooperative.py", "test_teacher.py",
-                 "test_submit.py", "test_distribution.py", "test_s3_writers.py")
-"""The files that take the longest, whole (``--dist loadfile``), longest first: pytest-xdist hands them out first
-and the short files fill in beside them, instead of a long one starting last and the suite waiting for it (a
-fresh clone's CI: 476 s with only the first two named, the s3 chain running alone at the end)."""
+LONGEST_FIRST = ("test_rehearsal.py", "test_pipeline_dvc.py")
+"""The files that take minutes, whole (``--dist loadfile``): collected first, so that pytest-xdist hands them out
+first and the rest of the suite runs beside them, instead of one starting last and the suite waiting for it."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the order within a file is kept
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the order within a file is kept
 
 
 def pytest_configure(config: pytest.Config) -> None:
