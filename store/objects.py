@@ -152,9 +152,9 @@ class Objects:
         except FileNotFoundError:
             pass
 
-    def sizes(self, prefix: str = "") -> dict[str, int]:
-        """Every object under ``prefix`` with its size in bytes (one listing, never from a cache: other writers
-        add records and claims), relative to the root; a local writer's temporary files are left out."""
+    def _listing(self, prefix: str) -> dict[str, dict]:
+        """Every object under ``prefix`` (relative to the root) with fsspec's details, in one listing never served
+        from a cache (other writers add records and claims); a local writer's temporary files are left out."""
         base = self.path(prefix).rstrip("/") if prefix else self.root.rstrip("/")
         self.fs.invalidate_cache(base)
         try:
@@ -162,21 +162,17 @@ class Objects:
         except FileNotFoundError:
             return {}
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-        return {p[len(root):]: int(info.get("size") or 0) for p, info in found.items()
-                if p.startswith(root) and not p.endswith(".tmp")}
+        return {p[len(root):]: info for p, info in found.items() if p.startswith(root) and not p.endswith(".tmp")}
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Every object under ``prefix`` with its size in bytes, from one listing."""
+        return {key: int(info.get("size") or 0) for key, info in self._listing(prefix).items()}
 
     def versions(self, prefix: str) -> dict[str, str]:
         """Every object under ``prefix`` with what changes whenever it is rewritten (an object store's ETag; a local
-        file's modification time and inode), in one listing never served from a cache."""
-        base = self.path(prefix).rstrip("/")
-        self.fs.invalidate_cache(base)
-        try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return {}
-        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-        return {p[len(root):]: str(info.get("ETag") or info.get("etag") or f"{info.get('mtime')}:{info.get('ino')}")
-                for p, info in found.items() if p.startswith(root) and not p.endswith(".tmp")}
+        file's modification time and inode), from one listing."""
+        return {key: str(info.get("ETag") or info.get("etag") or f"{info.get('mtime')}:{info.get('ino')}")
+                for key, info in self._listing(prefix).items()}
 
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (one listing, recursive), relative to the root, sorted."""
