@@ -97,8 +97,10 @@ def read_rates(path: Path) -> Rates:
 
 def run(cfg: Config, *, rates: Rates | None = None, seconds: float = 2.0) -> tuple[dict[str, float], str]:
     """The predicted seconds per stage and their table; ``rates`` given (another machine's), nothing is timed."""
+    from pipeline.core.files import use_storage_options
     from pipeline.train.rates import measure
 
+    use_storage_options(cfg.storage_options)  # the manifest or the source may be on object storage
     n = counts(cfg)
     num_classes = len(cfg.data.class_names) if cfg.data.class_names else 10
     r = rates if rates is not None else measure(cfg, num_classes, seconds)

@@ -125,11 +125,16 @@ def test_a_server_that_ignores_if_none_match_is_refused_naming_the_static_split(
     same_store(str(reference), on(cfg, "ignored").store.path)
 
 
-def test_a_writer_whose_claim_was_taken_over_writes_no_done_record(run, monkeypatch):
-    cfg, _, _ = run
-    objs = store.objects_at(f"s3://{BUCKET}/fenced.zarr")
+def claimants(name: str) -> tuple[store.Claims, store.Claims]:
+    """Two writers' claims on one store on the server (ttl 4 s), the first already listing."""
+    objs = store.objects_at(f"s3://{BUCKET}/{name}.zarr")
     a, b = store.Claims(objs, ttl=4.0), store.Claims(objs, ttl=4.0)
     a.refresh()
+    return a, b
+
+
+def test_a_writer_whose_claim_was_taken_over_writes_no_done_record(run, monkeypatch):
+    a, b = claimants("fenced")
     assert a.try_claim("val", 0, 0)
     b.refresh()
     later = time.monotonic() + 10  # a's claim has not changed for longer than ttl on b's clock: a was cut off
@@ -142,10 +147,7 @@ def test_a_writer_whose_claim_was_taken_over_writes_no_done_record(run, monkeypa
 
 
 def test_skewed_clocks_cannot_make_a_live_claim_look_dead(run, monkeypatch):
-    cfg, _, _ = run
-    objs = store.objects_at(f"s3://{BUCKET}/skew.zarr")
-    a, b = store.Claims(objs, ttl=4.0), store.Claims(objs, ttl=4.0)
-    a.refresh()
+    a, b = claimants("skew")
     assert a.try_claim("train", 0, 0)
     monkeypatch.setattr(time, "time", lambda: 1e10)  # b's wall clock is centuries ahead
     b.refresh()
