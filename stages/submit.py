@@ -84,6 +84,12 @@ class StageJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
+PORTS = (20000, 32767)
+"""Where a job's rendezvous port is drawn: below Linux's ephemeral range (32768-60999), where the outgoing
+connections of every process on the node (other jobs' gloo pairs, storage clients) take their local ports, so
+that a busy node's connections cannot already hold it."""
+
+
 def rank_variables(job_env: Any) -> dict[str, str]:
     """torch.distributed's variables for this task of a submitit job (as the official DeiT code sets them): the
     first node's host and a port drawn from the job id, so every task, and the job requeued, agree on them."""
@@ -92,7 +98,7 @@ def rank_variables(job_env: Any) -> dict[str, str]:
     one_node = job_env.num_nodes == 1
     return {
         "MASTER_ADDR": "127.0.0.1" if one_node else job_env.hostnames[0],
-        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(random.Random(job_env.job_id).randint(20000, 60000)),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(random.Random(job_env.job_id).randint(*PORTS)),
         "RANK": str(job_env.global_rank),
         "WORLD_SIZE": str(job_env.num_tasks),
         "LOCAL_RANK": str(job_env.local_rank),

@@ -138,6 +138,7 @@ def make_config(tmp_path: Path, data: dict[str, Any], **sections: Any) -> Config
             "epochs": 2,
             "topk": 5,
             "batch_size": 16,
+            "claim_ttl": 12.0,  # a killed writer's units are taken over after 4 s (ttl / 3), not 40
             "fit": {
                 "epochs": 1,
                 "batch_size": 16,

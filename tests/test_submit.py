@@ -75,6 +75,16 @@ def test_rank_variables_come_from_the_job_environment_and_survive_a_requeue():
     assert one["MASTER_ADDR"] == "127.0.0.1"
 
 
+def test_the_rendezvous_port_is_drawn_outside_the_ephemeral_range(monkeypatch):
+    """Linux gives outgoing connections local ports in 32768-60999 (ip_local_port_range): a rendezvous port drawn
+    there can be held already by any connection on the node (EADDRINUSE, seen with two jobs on one host)."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    env = SimpleNamespace(num_nodes=1, num_tasks=2, global_rank=0, local_rank=0, hostnames=["vm"], job_id="0")
+    ports = {int(submit_stage.rank_variables(SimpleNamespace(**{**vars(env), "job_id": str(j)}))["MASTER_PORT"])
+             for j in range(2000)}
+    assert len(ports) > 1000 and all(1024 < p < 32768 for p in ports)
+
+
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch) -> Path:
     """``sbatch`` and ``srun`` stand-ins on PATH: sbatch keeps each batch script in ``scripts/`` and answers as
