@@ -63,10 +63,11 @@ audit-noisy: $(STAMP) fashion-mnist
 label-loop: $(STAMP) fashion-mnist
 	$(PY) -m bench.label_loop rank-confusable loop rank-uniform
 
-# Two pytest-xdist workers, each test file whole on one (its module fixtures are built once), slowest listed.
+# Two pytest-xdist workers, each test file whole on one (its module fixtures are built once), in the order
+# tests/conftest.py collects them (the longest files first); slowest listed.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -83,7 +83,7 @@ def run_identity(cfg: Config, manifest: Manifest, mode: str, teacher: str) -> di
     ``aug.*`` and ``student.*`` are one key per field, so a refusal can name what changed. The number of
     ranks and workers is not part of it: a run resumes on another one (see student.elastic)."""
     student = cfg.student.model_dump(mode="json", exclude={"output", "eval_every", "workers", "teacher_mode",
-                                                           "elastic"})
+                                                           "elastic"} | ({"seed"} if cfg.student.seed is None else set()))
     return {
         "seed": cfg.seed,
         **{f"aug.{k}": v for k, v in cfg.aug.model_dump(mode="json").items()},
@@ -151,10 +151,15 @@ def _criterion(cfg: Config, targets: Targets) -> Criterion:
     return criterion
 
 
+def student_seed(cfg: Config) -> int:
+    """The seed of the student's own draws (init, drop path, order): ``student.seed``, else the top-level one."""
+    return cfg.seed if cfg.student.seed is None else cfg.student.seed
+
+
 def _trainer(cfg: Config, env: distributed.DistEnv, manifest: Manifest, batch: int, targets: Targets) -> Trainer:
     """Model (DDP-wrapped on several ranks), AdamW with the lr scaled to the global batch, cosine schedule, EMA."""
     sc, dev = cfg.student, env.device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(student_seed(cfg))
     model = create_student(sc, num_classes=manifest.num_classes, img_size=cfg.aug.img_size, in_chans=cfg.aug.channels)
     model.set_distilled_training(True)
     model.to(dev)
@@ -261,7 +266,7 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
     start, history = _resume(tr, ckpt, checkpoint_path(out), identity, env.rank) if ckpt is not None else (0, [])
     if env.is_main and ckpt is not None:
         print(f"student: resuming {checkpoint_path(out)} after epoch {start} on {env.world} rank(s) x {batch}")
-    train, loader = train_stream(manifest, cfg.aug, cfg.seed, batch_size=batch, rank=env.rank, world=env.world,
+    train, loader = train_stream(manifest, cfg.aug, cfg.seed, order_seed=student_seed(cfg), batch_size=batch, rank=env.rank, world=env.world,
                                  view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
                                  shuffle=sc.shuffle, workers=workers, join=teacher.join, device=env.device)
     val_loader = make_loader(val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size), workers)

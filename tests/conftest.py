@@ -264,13 +264,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-LONGEST_FIRST = ("test_rehearsal.py", "test_pipeline_dvc.py")
-"""The files that take minutes, whole (``--dist loadfile``): collected first, so that pytest-xdist hands them out
-first and the rest of the suite runs beside them, instead of one starting last and the suite waiting for it."""
+LONGEST_FIRST = ("test_pipeline_dvc.py", "test_rehearsal.py", "test_submit.py", "test_distribution.py",
+                 "test_teacher.py", "test_s3_writers.py", "test_cooperative.py", "test_s3.py")
+"""The files that run stages in subprocesses, longest first (measured): collected first, so that pytest-xdist,
+which hands out whole files in collection order (``--dist loadfile --no-loadscope-reorder``; its default order is
+by number of tests, which puts these last), starts them first and the short files fill the gaps beside them,
+instead of one long file starting last and the suite waiting for it."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the order within a file is kept
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -243,6 +243,9 @@ class StudentConfig(Strict):
     """Resuming on another number of ranks: keep the checkpoint's global batch (the per-rank batch becomes
     global / ranks) or keep student.batch_size per rank and scale the lr with the new global batch."""
     output: Location = "runs/student"
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    """Seeds the student alone: its initialisation, drop path and the order it meets the views, not the views
+    (the store pins those to the top-level seed), so seeds of a sweep share one store; null: the top-level seed."""
 
 
 class EvaluateConfig(Strict):

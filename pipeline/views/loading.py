@@ -118,8 +118,10 @@ class EpochDataset(IterableDataset):
 
     def __init__(self, manifest: Manifest, aug: AugConfig, seed: int, *, batch_size: int,
                  view_epoch: Callable[[int], int], rank: int = 0, world: int = 1, shuffle: int = 0,
-                 join: Join | None = None) -> None:
+                 join: Join | None = None, order_seed: int | None = None) -> None:
         self.manifest, self.aug, self.seed, self.batch_size = manifest, aug, seed, batch_size
+        self.order_seed = seed if order_seed is None else order_seed
+        """Draws the order of the windows and the shuffle, not the views (``seed``)."""
         self.view_epoch, self.rank, self.world, self.shuffle, self.join = view_epoch, rank, world, shuffle, join
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.fill_first = False
@@ -132,7 +134,7 @@ class EpochDataset(IterableDataset):
         return steps_per_epoch(self.manifest.count("train"), self.world, self.batch_size)
 
     def pieces(self, train_epoch: int) -> list[Piece]:
-        return worker_pieces(self.manifest.ranges("train"), self.aug.window, self.seed, train_epoch,
+        return worker_pieces(self.manifest.ranges("train"), self.aug.window, self.order_seed, train_epoch,
                              self.batch_size, self.rank, self.world, *_worker())
 
     def _stream(self, train_epoch: int) -> Iterator[Sample]:
@@ -162,7 +164,7 @@ class EpochDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Sample]:
         t = int(self._epoch)
-        rng = random.Random(derive_seed(TAG_SHUFFLE, self.seed, t, self.rank, _worker()[0]))
+        rng = random.Random(derive_seed(TAG_SHUFFLE, self.order_seed, t, self.rank, _worker()[0]))
         if self.shuffle <= 1:
             return self._stream(t)
         initial = self.shuffle if self.fill_first else min(self.batch_size, self.shuffle)
@@ -192,12 +194,12 @@ def _loader(dataset: IterableDataset, batch_size: int | None, workers: int, pers
 
 def train_stream(manifest: Manifest, aug: AugConfig, seed: int, *, batch_size: int, view_epoch: Callable[[int], int],
                  rank: int, world: int, shuffle: int, workers: int, join: Join | None = None,
-                 device: torch.device | str = "cpu") -> tuple[EpochDataset, ViewLoader]:
+                 device: torch.device | str = "cpu", order_seed: int | None = None) -> tuple[EpochDataset, ViewLoader]:
     """The training input of a whole run: the :class:`EpochDataset` (``set_epoch`` before each epoch's
     ``iter(loader)``) and one loader with persistent workers and full batches. Views cross from the workers as
     uint8 and are finished on ``device`` (:mod:`pipeline.views.handover`)."""
     ds = EpochDataset(manifest, aug, seed, batch_size=batch_size, view_epoch=view_epoch, rank=rank, world=world,
-                      shuffle=shuffle, join=join)
+                      shuffle=shuffle, join=join, order_seed=order_seed)
     return ds, ViewLoader(_loader(ds, batch_size, workers, True, seed, collate), aug, device)
 
 
