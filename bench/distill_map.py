@@ -35,7 +35,7 @@ import torch
 from pipeline.core.config import Config, load_config, overridden
 from pipeline.core.files import atomic_write_json, location
 from pipeline.core.report import markdown_table
-from pipeline.data.shards import open_shards
+from pipeline.data.shards import load_manifest, open_shards
 from pipeline.train.checkpoint import load_student
 from pipeline.train.evaluation import collect_logits, head_accuracies, topk_accuracy
 from pipeline.train.models import load_teacher, resolve_teacher
@@ -44,8 +44,8 @@ from stages import audit, ingest, student, teacher, teacher_fit
 
 TEACHERS = {"light": None, "mixed": {}}
 """teacher.fit.aug of each recipe: the config's own (light, in configs/demo.yaml), or none (the students')."""
-SELECTION = range(5, 15)
-"""Train shards of the selection set (the students and the teacher's fit use shards 0-4)."""
+SELECTION = (5, 15)
+"""Train shards [first, last) of the selection set (the demo's students and teacher fit use shards 0-4)."""
 MODES = ("none", "soft", "hard")
 
 
@@ -54,7 +54,8 @@ def teachers(cfg: Config, out: Path, names: list[str]) -> dict[str, Config]:
     ingest.run(cfg, progress=False)
     cfgs = {}
     for name in names:
-        sets = [f"teacher.fit.output={out / 'teachers' / f'{name}.pt'}", f"store.path={out / 'stores' / f'{name}.zarr'}"]
+        sets = [f"teacher.fit.output={out / 'teachers' / f'{name}.pt'}",
+                f"store.path={out / 'stores' / f'{name}.zarr'}"]
         if TEACHERS[name] is not None:
             sets.append(f"teacher.fit.aug={json.dumps(TEACHERS[name])}")
         c = overridden(cfg, sets)
@@ -64,14 +65,21 @@ def teachers(cfg: Config, out: Path, names: list[str]) -> dict[str, Config]:
     return cfgs
 
 
-def selection(cfg: Config) -> EvalDataset:
-    return EvalDataset(open_shards(cfg), cfg.aug, "train", shards=SELECTION, batch_size=cfg.evaluate.batch_size)
+def selection(cfg: Config, shards: tuple[int, int] = SELECTION) -> EvalDataset:
+    """The selection set's evaluation views, train shards ``[first, last)`` of the whole manifest (``open_shards``
+    keeps the first ``data.train_shards``, which must not reach them)."""
+    first, last = shards
+    m = load_manifest(cfg.data.shards)
+    used = cfg.data.train_shards or len(m.shards("train"))
+    if first < used or last > len(m.shards("train")):
+        raise SystemExit(f"--selection {first} {last}: the selection set must lie after the {used} train shards the "
+                         f"stages use and within the {len(m.shards('train'))} ingested")
+    return EvalDataset(m, cfg.aug, "train", shards=range(first, last), batch_size=cfg.evaluate.batch_size)
 
 
-def teacher_scores(cfg: Config, folder: Path, split: str) -> dict[str, Any]:
-    """The teacher's top-1 and top-1 predictions on ``split`` (selection or val), and, on the stored views, its
-    lambda-weighted agreement with the mixed labels (the audit's headline; its report goes to ``folder``)."""
-    ds = selection(cfg) if split == "selection" else val_dataset(open_shards(cfg), cfg.aug, cfg.evaluate.batch_size)
+def teacher_scores(cfg: Config, folder: Path, ds: EvalDataset) -> dict[str, Any]:
+    """The teacher's top-1 and top-1 predictions on ``ds`` (the selection or the val set), and, on the stored views,
+    its lambda-weighted agreement with the mixed labels (the audit's headline; its report goes to ``folder``)."""
     model, _ = load_teacher(resolve_teacher(cfg).teacher, num_classes=ds.manifest.num_classes,
                             in_chans=cfg.aug.channels)
     out = collect_logits(model, make_loader(ds, 0), torch.device("cpu"))
@@ -95,7 +103,7 @@ def student_scores(cfg: Config, folder: Path, ds: EvalDataset, t: dict[str, Any]
 
 
 def cell(cfg: Config, folder: Path, *, teacher_name: str, epochs: int, mode: str, seed: int,
-         t: dict[str, Any]) -> dict[str, Any]:
+         t: dict[str, Any], sel: EvalDataset) -> dict[str, Any]:
     """Train one student (resumed where it stopped; at once if finished) and score it on the selection set, once:
     its ``cell.json`` is the cell's row."""
     done = folder / "cell.json"
@@ -107,7 +115,7 @@ def cell(cfg: Config, folder: Path, *, teacher_name: str, epochs: int, mode: str
     student.run(c, progress=False)
     row = {"teacher": teacher_name if mode != "none" else "-", "epochs": epochs, "distillation": mode, "seed": seed,
            "train_s": round(time.perf_counter() - t0, 1),
-           **{f"sel_{k}": v for k, v in student_scores(c, folder, selection(c), t).items()}}
+           **{f"sel_{k}": v for k, v in student_scores(c, folder, sel, t).items()}}
     atomic_write_json(done, row)
     return row
 
@@ -115,8 +123,8 @@ def cell(cfg: Config, folder: Path, *, teacher_name: str, epochs: int, mode: str
 def margins(cells: pd.DataFrame) -> pd.DataFrame:
     """hard - none and soft - none per teacher and schedule, paired by seed: mean and standard error (ddof 1)."""
     none = cells[cells["distillation"] == "none"].set_index(["epochs", "seed"])["sel_top1"]
-    rows = []
-    for (name, epochs, mode), g in cells[cells["distillation"] != "none"].groupby(["teacher", "epochs", "distillation"]):
+    rows, distilled = [], cells[cells["distillation"] != "none"]
+    for (name, epochs, mode), g in distilled.groupby(["teacher", "epochs", "distillation"]):
         paired = [(r.sel_top1 - none[(epochs, r.seed)]) for r in g.itertuples() if (epochs, r.seed) in none.index]
         x = 100 * np.asarray(paired)
         rows.append({"teacher": name, "epochs": epochs, "margin": f"{mode} - none", "seeds": len(x),
@@ -173,12 +181,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--val", nargs=2, metavar=("TEACHER", "EPOCHS"),
                     help="score this teacher's cells at this schedule on the val set (the chosen recipe, once)")
+    ap.add_argument("--selection", type=int, nargs=2, default=list(SELECTION), metavar=("FIRST", "LAST"),
+                    help="train shards [FIRST, LAST) of the selection set (after the ones the stages use)")
     ap.add_argument("--out", default="runs/distill-map")
     args = ap.parse_args(argv)
     cfg, out = load_config(args.config), location(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfgs = teachers(cfg, out, args.teachers)
-    scores = {name: teacher_scores(c, out / f"teacher-{name}", "selection") for name, c in cfgs.items()}
+    sel = selection(cfg, tuple(args.selection))
+    scores = {name: teacher_scores(c, out / f"teacher-{name}", sel) for name, c in cfgs.items()}
     atomic_write_json(out / "teachers.json", {n: {"sel_top1": s["top1"], "weighted_agreement": s["weighted_agreement"]}
                                               for n, s in scores.items()})
     for epochs in args.schedules:
@@ -189,11 +200,11 @@ def main(argv: list[str] | None = None) -> None:
                         continue  # the teacher plays no part
                     folder = out / "students" / f"{mode if mode == 'none' else f'{mode}-{name}'}-e{epochs}-s{seed}"
                     print(cell(cfgs[name], folder, teacher_name=name, epochs=epochs, mode=mode, seed=seed,
-                               t=scores[name]), flush=True)
+                               t=scores[name], sel=sel), flush=True)
     if args.val:
         name, epochs = args.val[0], int(args.val[1])
-        t = teacher_scores(cfgs[name], out / f"teacher-{name}", "val")
         ds = val_dataset(open_shards(cfg), cfg.aug, cfg.evaluate.batch_size)
+        t = teacher_scores(cfgs[name], out / f"teacher-{name}", ds)
         rows = [{"teacher": name, "epochs": epochs, **json.loads(p.read_text()),
                  **{f"val_{k}": v for k, v in student_scores(cfgs[name], p.parent, ds, t).items()}}
                 for p in sorted(out.glob(f"students/*-e{epochs}-s*/cell.json"))
