@@ -82,8 +82,9 @@ def run_identity(cfg: Config, manifest: Manifest, mode: str, teacher: str) -> di
     """What a checkpoint must share with this run to be resumed (the teacher's targets included), flat:
     ``aug.*`` and ``student.*`` are one key per field, so a refusal can name what changed. The number of
     ranks and workers is not part of it: a run resumes on another one (see student.elastic)."""
+    unset = {"seed"} if cfg.student.seed is None else set()  # a run without student.seed: as before it existed
     student = cfg.student.model_dump(mode="json", exclude={"output", "eval_every", "workers", "teacher_mode",
-                                                           "elastic"} | ({"seed"} if cfg.student.seed is None else set()))
+                                                           "elastic"} | unset)
     return {
         "seed": cfg.seed,
         **{f"aug.{k}": v for k, v in cfg.aug.model_dump(mode="json").items()},
@@ -266,7 +267,8 @@ def _run(cfg: Config, env: distributed.DistEnv, progress: bool, workers: int | N
     start, history = _resume(tr, ckpt, checkpoint_path(out), identity, env.rank) if ckpt is not None else (0, [])
     if env.is_main and ckpt is not None:
         print(f"student: resuming {checkpoint_path(out)} after epoch {start} on {env.world} rank(s) x {batch}")
-    train, loader = train_stream(manifest, cfg.aug, cfg.seed, order_seed=student_seed(cfg), batch_size=batch, rank=env.rank, world=env.world,
+    train, loader = train_stream(manifest, cfg.aug, cfg.seed, order_seed=student_seed(cfg), batch_size=batch,
+                                 rank=env.rank, world=env.world,
                                  view_epoch=partial(stored_epoch, stored_epochs=cfg.teacher.epochs),
                                  shuffle=sc.shuffle, workers=workers, join=teacher.join, device=env.device)
     val_loader = make_loader(val_dataset(manifest, cfg.aug, cfg.evaluate.batch_size), workers)

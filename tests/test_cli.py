@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -19,6 +21,14 @@ def test_help_lists_every_stage():
     assert result.exit_code == 0
     for name in STAGES:
         assert name in result.output
+
+
+def test_help_imports_neither_torch_nor_timm_so_it_answers_at_once():
+    """Their imports take about 6 s on a 2-core machine; the command line, the config and its defaults need none."""
+    code = ("import sys; from stages.cli import main; from pipeline.core.config import load_config; load_config(None)"
+            "; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_each_command_has_help():

@@ -191,7 +191,7 @@ class TeacherConfig(Strict):
     claim_ttl: Annotated[float, Field(gt=0.0)] = 120.0
     """Seconds a writer's claim on a unit lasts without a heartbeat (renewed every ttl / 4 while it lives):
     how long a unit of a writer that died waits before another writer takes it over."""
-    fit: TeacherFitConfig = TeacherFitConfig()
+    fit: TeacherFitConfig = Field(default_factory=TeacherFitConfig)
 
 
 class StoreConfig(Strict):
@@ -300,12 +300,12 @@ class Config(Strict):
     """Per URL scheme, the options of its fsspec filesystem, e.g. ``{s3: {endpoint_url: http://..., anon: false}}``
     (credentials are better left to the filesystem's environment variables or profiles)."""
     data: DataConfig
-    aug: AugConfig = AugConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    store: StoreConfig = StoreConfig()
-    student: StudentConfig = StudentConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    slurm: SlurmConfig = SlurmConfig()
+    aug: AugConfig = Field(default_factory=AugConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
     def _fit_aug(self) -> Config:

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import fsspec
-import torch
 from upath import UPath
 
 from store.objects import filesystem, is_url, local_path, read_bytes, read_range, write_bytes
@@ -108,6 +107,8 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, **kw: Any) -> None
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` that never leaves a partial file behind."""
+    import torch  # here, not at the top: ``distill --help`` and the config need no torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getbuffer())
@@ -135,6 +136,8 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
         data = read_bytes(path)
     except FileNotFoundError:
         raise
+    import torch
+
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only refusals all mean "not a usable torch file"
