@@ -16,8 +16,8 @@ and each teacher its top-1 and its lambda-weighted agreement with the mixed labe
 audit's figure).
 
 ``python -m bench.distill_map --schedules 8 25 --seeds 0 1 2`` then, e.g., ``--schedules 100 --seeds 0
---modes none hard`` add cells; each run writes ``cell.json`` in its folder, and ``cells.csv``, ``margins.csv``
-and ``map.png`` under ``--out`` are rebuilt from every cell there.
+--modes none hard`` add cells; each run writes ``cell.json`` in its folder, and ``cells.csv``, ``margins.csv``,
+``map.png`` and ``map.md`` under ``--out`` are rebuilt from every cell there.
 """
 
 from __future__ import annotations
@@ -167,6 +167,23 @@ def plot(cells: pd.DataFrame, path: Path) -> None:
     buf.replace(path)
 
 
+def report(out: Path, cells: pd.DataFrame, m: pd.DataFrame) -> str:
+    """``map.md``: the teachers, every cell's mean over its seeds, and the margins (selection set, percent)."""
+    teachers = json.loads((out / "teachers.json").read_text())
+    t = pd.DataFrame([{"teacher": n, **{k: 100 * v[k] for k in ("sel_top1", "weighted_agreement")}}
+                      for n, v in teachers.items()])
+    text = "\n".join([
+        "# When distillation pays: the map (selection set: train shards outside the students' subset)", "",
+        "Teachers (top-1; lambda-weighted agreement with the mixed labels on the stored views):", "",
+        markdown_table(t, digits=2),
+        "Cells (mean over seeds; disagreement: share of images where student and teacher differ):", "",
+        markdown_table(summary(cells), digits=2),
+        "Margins (points, paired by seed; se: standard error of the mean, ddof 1):", "",
+        markdown_table(m, digits=2)])
+    (out / "map.md").write_text(text)
+    return text
+
+
 def collect(out: Path) -> pd.DataFrame:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("students/*/cell.json"))]
     return pd.DataFrame(rows).sort_values(["epochs", "teacher", "distillation", "seed"]).reset_index(drop=True)
@@ -219,9 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     m.to_csv(out / "margins.csv", index=False)
     summary(cells).to_csv(out / "summary.csv", index=False)
     plot(cells, out / "map.png")
-    print(markdown_table(summary(cells), ["sel_top1", "sel_cls_top1", "sel_dist_top1", "sel_disagree_teacher"],
-                         digits=2))
-    print(markdown_table(m, ["mean", "se"], digits=2))
+    print(report(out, cells, m))
 
 
 if __name__ == "__main__":
