@@ -120,12 +120,13 @@ def cell(cfg: Config, folder: Path, *, teacher_name: str, epochs: int, mode: str
     return row
 
 
-def margins(cells: pd.DataFrame) -> pd.DataFrame:
-    """hard - none and soft - none per teacher and schedule, paired by seed: mean and standard error (ddof 1)."""
-    none = cells[cells["distillation"] == "none"].set_index(["epochs", "seed"])["sel_top1"]
+def margins(cells: pd.DataFrame, col: str = "sel_top1") -> pd.DataFrame:
+    """hard - none and soft - none of ``col`` per teacher and schedule, paired by seed: mean and standard error
+    (ddof 1), in points."""
+    none = cells[cells["distillation"] == "none"].set_index(["epochs", "seed"])[col]
     rows, distilled = [], cells[cells["distillation"] != "none"]
     for (name, epochs, mode), g in distilled.groupby(["teacher", "epochs", "distillation"]):
-        paired = [(r.sel_top1 - none[(epochs, r.seed)]) for r in g.itertuples() if (epochs, r.seed) in none.index]
+        paired = [(getattr(r, col) - none[(epochs, r.seed)]) for r in g.itertuples() if (epochs, r.seed) in none.index]
         x = 100 * np.asarray(paired)
         rows.append({"teacher": name, "epochs": epochs, "margin": f"{mode} - none", "seeds": len(x),
                      "mean": x.mean() if len(x) else float("nan"),
@@ -180,6 +181,14 @@ def report(out: Path, cells: pd.DataFrame, m: pd.DataFrame) -> str:
         markdown_table(summary(cells), digits=2),
         "Margins (points, paired by seed; se: standard error of the mean, ddof 1):", "",
         markdown_table(m, digits=2)])
+    if (out / "val.csv").is_file():  # the chosen recipe's cells, scored once on the val set
+        val = pd.read_csv(out / "val.csv")
+        cols = ["teacher", "epochs", "distillation", "seed", "val_top1", "val_cls_top1", "val_dist_top1",
+                "val_disagree_teacher", "teacher_val_top1"]
+        text += "\n".join(["", "The chosen recipe on the val set (once):", "",
+                            markdown_table(val[cols], ["val_top1", "val_cls_top1", "val_dist_top1",
+                                                       "val_disagree_teacher", "teacher_val_top1"], digits=4),
+                            markdown_table(pd.read_csv(out / "val-margins.csv"), digits=2)])
     (out / "map.md").write_text(text)
     return text
 
@@ -222,14 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         name, epochs = args.val[0], int(args.val[1])
         ds = val_dataset(open_shards(cfg), cfg.aug, cfg.evaluate.batch_size)
         t = teacher_scores(cfgs[name], out / f"teacher-{name}", ds)
-        rows = [{"teacher": name, "epochs": epochs, **json.loads(p.read_text()),
+        rows = [{"teacher": name, "epochs": epochs, "teacher_val_top1": t["top1"], **json.loads(p.read_text()),
                  **{f"val_{k}": v for k, v in student_scores(cfgs[name], p.parent, ds, t).items()}}
                 for p in sorted(out.glob(f"students/*-e{epochs}-s*/cell.json"))
                 if p.parent.name.startswith(("none-", f"soft-{name}-", f"hard-{name}-"))]
         val = pd.DataFrame(rows)
         val.to_csv(out / "val.csv", index=False)
-        print(f"teacher {name} val top-1 {t['top1']:.4f}")
-        print(markdown_table(val, ["val_top1", "val_dist_top1", "val_disagree_teacher"], digits=4))
+        margins(val, "val_top1").to_csv(out / "val-margins.csv", index=False)
     cells = collect(out)
     cells.to_csv(out / "cells.csv", index=False)
     m = margins(cells)

@@ -34,6 +34,7 @@ def test_the_map_runs_every_cell_once_and_a_rerun_trains_nothing(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("students/*/checkpoint.pt")} == stamps
     val = pd.read_csv(out / "val.csv")
     assert len(val) == 6 and val["val_top1"].between(0, 1).all()  # none, soft and hard of the light teacher
+    assert len(pd.read_csv(out / "val-margins.csv")) == 2 and "on the val set" in (out / "map.md").read_text()
 
 
 def test_a_selection_set_overlapping_the_trained_shards_is_refused(tmp_path):
