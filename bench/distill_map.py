@@ -158,9 +158,11 @@ def plot(cells: pd.DataFrame, path: Path) -> None:
         ax.errorbar(g["epochs"], g["sel_top1"], yerr=g["se_top1"].fillna(0), fmt="o-" if mode != "none" else "s:",
                     capsize=3, label=label, color="gray" if mode == "none" else None)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ticks = sorted(s["epochs"].unique())
     ax.set_xticks(ticks, [str(e) for e in ticks])
-    ax.set(xlabel="student epochs", ylabel="selection-set top-1 (%)", title="When distillation pays (demo data)")
+    ax.set(xlabel="student epochs", ylabel="selection-set top-1 (%, ± 1 SE over seeds)",
+           title="When distillation pays (demo data)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     buf = path.with_suffix(".tmp.png")
