@@ -34,7 +34,7 @@ import torch
 
 from pipeline.core.config import Config, load_config, overridden
 from pipeline.core.files import atomic_write_json, location
-from pipeline.core.report import markdown_table
+from pipeline.core.report import figure, markdown_table, save_png
 from pipeline.data.shards import load_manifest, open_shards
 from pipeline.train.checkpoint import load_student
 from pipeline.train.evaluation import collect_logits, head_accuracies, topk_accuracy
@@ -145,11 +145,7 @@ def summary(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(cells: pd.DataFrame, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((6.5, 4), layout="constrained")
     ax = fig.subplots()
     s = summary(cells)
     for (name, mode), g in s.groupby(["teacher", "distillation"]):
@@ -165,9 +161,7 @@ def plot(cells: pd.DataFrame, path: Path) -> None:
            title="When distillation pays (demo data)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = path.with_suffix(".tmp.png")
-    fig.savefig(buf, dpi=110)
-    buf.replace(path)
+    save_png(fig, path, dpi=110)
 
 
 def report(out: Path, cells: pd.DataFrame, m: pd.DataFrame) -> str:

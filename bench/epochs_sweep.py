@@ -32,7 +32,7 @@ import torch
 
 from pipeline.core.config import Config, load_config, overridden
 from pipeline.core.files import location
-from pipeline.core.report import markdown_table
+from pipeline.core.report import figure, markdown_table, save_png
 from pipeline.data.shards import open_shards
 from pipeline.train.checkpoint import load_student
 from pipeline.train.evaluation import collect_logits
@@ -101,11 +101,7 @@ def _point(cfg: Config, folder: Path, name: str, e: int | None, seconds: float |
 
 
 def _plot(df: pd.DataFrame, path: Path, epochs: int, val_images: int) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((6.5, 4), layout="constrained")
     ax = fig.subplots()
     pts = df.dropna(subset=["E"])
     se = 100 * np.sqrt(pts["top1"] * (1 - pts["top1"]) / val_images)  # binomial standard error of each point
@@ -121,9 +117,7 @@ def _plot(df: pd.DataFrame, path: Path, epochs: int, val_images: int) -> None:
            title="Accuracy against stored epochs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = path.with_suffix(".tmp.png")
-    fig.savefig(buf, dpi=110)
-    buf.replace(path)
+    save_png(fig, path, dpi=110)
 
 
 def seeds(cfg: Config, out: Path, seed_list: tuple[int, ...], curve_dir: Path) -> pd.DataFrame:

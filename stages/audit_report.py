@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.audit.tables import AuditTables
 from pipeline.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location
-from pipeline.core.report import MISSING, markdown_table
+from pipeline.core.report import MISSING, figure, markdown_table, save_png
 
 CSV_FILES = ("per_class.csv", "per_epoch.csv", "confusion.csv", "confused_pairs.csv", "images.csv.gz",
              "suspects.csv")
@@ -53,15 +53,11 @@ def _worst_classes(pc: pd.DataFrame, top: int) -> pd.DataFrame:
 
 def write_png(tables: AuditTables, names: Sequence[str], path: Path, top: int = 20) -> Path:
     """audit.png: row-normalised confusion heatmap and per-class disagreement bars (Agg, no pyplot)."""
-    buf = io.BytesIO()
-    _draw_png(tables, names, buf, top)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(_draw_png(tables, names, top), path, dpi=100)
     return path
 
 
-def _draw_png(tables: AuditTables, names: Sequence[str], out: io.BytesIO, top: int) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _draw_png(tables: AuditTables, names: Sequence[str], top: int) -> Any:
 
     c = len(names)
     conf, src = tables.confusion, "every training image, evaluation view"
@@ -74,8 +70,7 @@ def _draw_png(tables: AuditTables, names: Sequence[str], out: io.BytesIO, top: i
         if f"{p}_samples" in pc and tables.per_class[f"{p}_samples"].sum() > 0
     ]
     rows = len(pc)
-    fig = Figure(figsize=(13, max(4.5, min(0.28 * rows + 1.5, 30))), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((13, max(4.5, min(0.28 * rows + 1.5, 30))), layout="constrained")
     ax0, ax1 = fig.subplots(1, 2, width_ratios=[1.1, 1])
     im = ax0.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax0.set_title(f"teacher vs label ({src}), share of label's samples")
@@ -95,7 +90,7 @@ def _draw_png(tables: AuditTables, names: Sequence[str], out: io.BytesIO, top: i
     ax1.set_title("disagreement per class" + ("" if rows == c else f" (worst {rows} of {c})"))
     if series:
         ax1.legend(fontsize=8)
-    fig.savefig(out, dpi=100, format="png")
+    return fig
 
 
 def _md_header(tables: AuditTables, c: int, info: dict[str, Any]) -> list[str]:
@@ -192,16 +187,13 @@ def markdown_report(tables: AuditTables, names: Sequence[str], top: int, info: d
 def write_contact_sheet(rows: pd.DataFrame, images: Sequence[Any], path: Path, title: str) -> Path:
     """A grid of images, each titled with its rank, index, given label and the teacher's label and probability
     (a planted flip is marked with its true label)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     n = len(images)
     if n == 0:
         title += ": none to show"
     cols = min(SHEET_COLUMNS, max(n, 1))
     nrows = max(1, -(-n // cols))
-    fig = Figure(figsize=(1.9 * cols, 2.3 * nrows + 0.4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((1.9 * cols, 2.3 * nrows + 0.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -215,9 +207,7 @@ def write_contact_sheet(rows: pd.DataFrame, images: Sequence[Any], path: Path, t
             text += f"\n(planted; true {r['true_name']})"
         ax.set_title(text, fontsize=7, color="tab:green" if planted else "black")
     fig.suptitle(title, fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=100, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=100)
     return path
 
 

@@ -9,20 +9,17 @@ every model), ``disagreement.csv`` (the matrix), ``results.md`` and ``accuracy_v
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from pipeline.core.config import Config
 from pipeline.core.errors import DistillError
-from pipeline.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, location, use_storage_options
-from pipeline.core.report import markdown_table
+from pipeline.core.files import atomic_write_json, atomic_write_text, location, use_storage_options
+from pipeline.core.report import figure, markdown_table, save_png
 from pipeline.data.shards import open_shards
 from pipeline.train.checkpoint import load_student
 from pipeline.train.distributed import resolve_device
@@ -51,8 +48,7 @@ MARKERS = "osD^vP*Xh<>"
 def _plot(models: dict[str, dict[str, Any]], path: Path) -> None:
     """Top-1 against throughput, one marker per model named in a legend (labels beside points overlap when
     students sit close together)."""
-    fig = Figure(figsize=(6.5, 4))
-    FigureCanvasAgg(fig)
+    fig = figure((6.5, 4))
     ax = fig.subplots()
     for i, (name, m) in enumerate(models.items()):
         ax.scatter(m["throughput_im_per_s"], m["top1"] * 100, s=50, marker=MARKERS[i % len(MARKERS)],
@@ -63,9 +59,7 @@ def _plot(models: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_title("Accuracy against throughput")
     ax.grid(alpha=0.3)
     fig.tight_layout()  # makes room for the legend outside the axes
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=120)
 
 
 def _results_md(models: dict[str, dict[str, Any]], disagreement: dict[str, dict[str, float]], n: int) -> str:

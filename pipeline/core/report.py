@@ -1,4 +1,5 @@
-"""Rendering tables for people: the one markdown table writer that reports (audit, evaluate) share.
+"""Rendering results for people: the one markdown table writer and the one way to draw and save a figure that
+reports (audit, evaluate) and the benchmarks share.
 
 Cells are formatted here (percentages, fixed digits, thousands, "–" for missing values) and the table
 is laid out by pandas' ``DataFrame.to_markdown`` (tabulate), numeric columns right-aligned.
@@ -13,7 +14,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.core.files import atomic_write_bytes
+
 MISSING = "–"
+
+
+def figure(figsize: tuple[float, float], **kw: Any) -> Any:
+    """A matplotlib ``Figure`` on the off-screen Agg canvas: no display and no pyplot state, and matplotlib imported
+    only by the commands that draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, **kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Any, path: Any, dpi: int) -> None:
+    """Write ``fig`` as a PNG to a path or URL, whole or not at all."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def cell(v: Any, percent: bool = False, digits: int = 3) -> str:
