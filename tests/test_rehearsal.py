@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import resource
 import shlex
 import string
@@ -186,8 +187,15 @@ def test_rehearsal_describe_shows_k_below_1000_classes_and_both_epochs_packed(re
     assert "packed epochs: 2/2" in rehearsal.out and "reproduces all" in rehearsal.out
 
 
+AGENT_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/\S+\] ")
+"""A log line of torchrun's own agent. At the end of a multi-node run the agent hosting the c10d store can exit
+while another agent still waits on the exit barrier; that agent logs "Error waiting on exit barrier" with a
+traceback and exits 0 all the same (a race inside torch, seen in CI). The ranks' own output has no such prefix."""
+
+
 def test_rehearsal_ranks_on_s3_print_no_traceback_nor_session_warnings(rehearsal):
-    assert "Traceback" not in rehearsal.ranks and "Unclosed client session" not in rehearsal.ranks
+    ranks = "\n".join(line for line in rehearsal.ranks.splitlines() if not AGENT_LOG.match(line))
+    assert "Traceback" not in ranks and "Unclosed client session" not in ranks
 
 
 def test_rehearsal_ingest_keeps_the_jpegs_and_1000_class_names(rehearsal):
