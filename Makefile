@@ -61,7 +61,7 @@ audit-noisy: $(STAMP) fashion-mnist
 # Fixing labels (docs/audit.md): the audit's rankings on 2 % confusable and uniform flips, and the loop (noisy, corrected
 # by the audit's relabel file, clean) on 10 % of each; tables in runs/label-loop (rank.csv, loop.csv, loop-audit.csv).
 label-loop: $(STAMP) fashion-mnist
-	$(PY) -m bench.label_loop rank-confusable loop rank-uniform
+	$(PY) -m bench.label_loop rank-confusable loop rank-uniform --seeds 0 1 2
 
 # Two pytest-xdist workers, each test file whole on one (its module fixtures are built once), in the order
 # tests/conftest.py collects them (the longest files first); slowest listed.

@@ -18,9 +18,11 @@ confusable flips: 85 % of them in the top 2N and 65 % precision at N). ``rescore
 under every ranking (no training).
 
 The loop's recipe is the demo's with a shorter teacher fit, fewer stored epochs and a shorter student (``LOOP``),
-one seed, to fit the study in the CPU time it had. Every step resumes: ingest, teacher-fit, the teacher and the
-students skip what is done, so a rerun finishes an interrupted study and then only rewrites the tables
-(``runs/label-loop/*.csv``). ``make label-loop`` runs ``rank-confusable loop rank-uniform``.
+to fit the study in the CPU time it had; ``--seeds`` trains a student per seed on each arm's one teacher and store
+(``student.seed``), and ``--kinds`` splits the arms between processes (``none``, the clean run, first: the
+confusable noise draws from its fit). Every step resumes: ingest, teacher-fit, the teacher and the students skip
+what is done, so a rerun finishes an interrupted study and then only rewrites the tables (``runs/label-loop/*.csv``).
+``make label-loop`` runs ``rank-confusable loop rank-uniform`` with three seeds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -66,16 +69,25 @@ def _link_shards(src: Path, dst: Path) -> None:
         os.link(f, dst / f.name) if f.name != "manifest.json" else (dst / f.name).write_bytes(f.read_bytes())
 
 
-def train_run(cfg: Config, *, with_student: bool = True) -> dict[str, Any]:
-    """ingest, teacher-fit, teacher (and a student): each skips what is done. Val top-1 of teacher and student."""
+def train_run(cfg: Config, *, seeds: tuple[int, ...] = (0,), with_student: bool = True) -> dict[str, Any]:
+    """ingest, teacher-fit, teacher (and a student per seed, sharing the teacher and its store): each skips what is
+    done. Val top-1 of the teacher, of each seed's student (``student_top1_s<seed>``), and their mean and spread."""
     ingest.run(cfg, progress=False)
     teacher_fit.run(cfg, progress=False)
     teacher.run(cfg, progress=False)
     fit = json.loads(Path(str(cfg.teacher.fit.output)).with_suffix(".json").read_text())
-    row = {"teacher_top1": fit["val_top1"]}
+    row: dict[str, Any] = {"teacher_top1": fit["val_top1"]}
     if with_student:
-        student.run(cfg, progress=False)
-        row["student_top1"] = json.loads((Path(str(cfg.student.output)) / "metrics.json").read_text())["val_fused_top1"]
+        folder = Path(str(cfg.student.output))
+        tops = []
+        for seed in seeds:
+            out = folder.with_name(f"{folder.name}-s{seed}")
+            student.run(overridden(cfg, [f"student.seed={seed}", f"student.output={out}"]), progress=False)
+            tops.append(json.loads((out / "metrics.json").read_text())["val_fused_top1"])
+            row[f"student_top1_s{seed}"] = tops[-1]
+        row["student_top1"] = float(np.mean(tops))
+        row["student_std"] = float(np.std(tops, ddof=1)) if len(tops) > 1 else float("nan")
+        row["seeds"] = len(tops)
     return row
 
 
@@ -107,7 +119,7 @@ def _fixed(folder: Path, relabel: Path, subset: int) -> dict[str, Any]:
 
 
 def _corrected(base: Config, noisy: Config, out: Path, kind: str, how: str, n: int, *,
-               train: bool = True) -> dict[str, Any]:
+               train: bool = True, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
     """Audit the noisy run into a relabel file (``how``: top N, or the threshold's suspects) and (``train``) train
     on it; what the file fixed either way."""
     folder = out / f"{kind}-fix-{how}"
@@ -121,32 +133,43 @@ def _corrected(base: Config, noisy: Config, out: Path, kind: str, how: str, n: i
         return {"noise": kind, "labels": f"corrected ({how})", **fixed}
     _link_shards(out / f"{kind}-noisy" / "shards", folder / "shards")
     cfg = _cfg(base, folder, [*NOISE[kind], "data.label_noise=0.1", f"data.relabel={relabel}"])
-    return {"noise": kind, "labels": f"corrected ({how})", **train_run(cfg), **fixed}
+    return {"noise": kind, "labels": f"corrected ({how})", **train_run(cfg, seeds=seeds), **fixed}
 
 
-def loop(base: Config, out: Path, hows: tuple[str, ...] = ("top-n", "threshold")) -> pd.DataFrame:
-    """The loop's table (loop.csv) and the audit's scores on its noisy runs (loop-audit.csv); the students of the
-    relabel files in ``hows`` are trained, the others' files only written and scored."""
-    clean = _cfg(base, out / "clean", [])
-    rows = [{"noise": "none", "labels": "clean", **train_run(clean)}]
-    confusion = Path(str(clean.teacher.fit.output)).with_suffix(".json")
-    for kind in NOISE:
-        extra = [*NOISE[kind], "data.label_noise=0.1"] + ([f"data.label_noise_confusion={confusion}"]
-                                                          if kind == "confusable" else [])
-        noisy = _cfg(base, out / f"{kind}-noisy", extra)
-        rows.append({"noise": kind, "labels": "noisy", **train_run(noisy)})
-        scores = _scores(noisy)
-        scores.insert(0, "noise", kind)
-        scores.to_csv(out / f"{kind}-noisy" / "planted.csv", index=False)
-        n = int(scores["planted"].iloc[0])
-        base_k = overridden(base, extra[-1:]) if kind == "confusable" else base
-        for how in ("top-n", "threshold"):
-            rows.append(_corrected(base_k, noisy, out, kind, how, n, train=how in hows))
+KINDS = ("none", *NOISE)
+"""The loop's arms by noise: ``none`` (the clean labels), then each noise kind (noisy, and corrected)."""
+
+
+def loop(base: Config, out: Path, hows: tuple[str, ...] = ("top-n", "threshold"), *,
+         kinds: tuple[str, ...] = KINDS, seeds: tuple[int, ...] = (0,)) -> pd.DataFrame:
+    """The loop's arms for ``kinds`` (each kind's table: loop-<kind>.csv; the students of the relabel files in
+    ``hows`` are trained, the others' files only written and scored), then loop.csv and loop-audit.csv from every
+    kind done so far (so kinds may run in separate processes)."""
+    for kind in kinds:
+        if kind == "none":
+            clean = _cfg(base, out / "clean", [])
+            rows = [{"noise": "none", "labels": "clean", **train_run(clean, seeds=seeds)}]
+        else:
+            confusion = out / "clean" / "teacher.json"
+            extra = [*NOISE[kind], "data.label_noise=0.1"] + ([f"data.label_noise_confusion={confusion}"]
+                                                              if kind == "confusable" else [])
+            noisy = _cfg(base, out / f"{kind}-noisy", extra)
+            rows = [{"noise": kind, "labels": "noisy", **train_run(noisy, seeds=seeds)}]
+            scores = _scores(noisy)
+            scores.insert(0, "noise", kind)
+            scores.to_csv(out / f"{kind}-noisy" / "planted.csv", index=False)
+            n = int(scores["planted"].iloc[0])
+            base_k = overridden(base, extra[-1:]) if kind == "confusable" else base
+            rows += [_corrected(base_k, noisy, out, kind, how, n, train=how in hows, seeds=seeds)
+                     for how in ("top-n", "threshold")]
+        pd.DataFrame(rows).to_csv(out / f"loop-{kind}.csv", index=False)
         print(pd.DataFrame(rows).to_string(), flush=True)
-    df = pd.DataFrame(rows)
+    done = [k for k in KINDS if (out / f"loop-{k}.csv").is_file()]
+    df = pd.concat([pd.read_csv(out / f"loop-{k}.csv") for k in done], ignore_index=True)
     df.to_csv(out / "loop.csv", index=False)
-    pd.concat([pd.read_csv(out / f"{k}-noisy" / "planted.csv") for k in NOISE]).to_csv(out / "loop-audit.csv",
-                                                                                       index=False)
+    audits = [out / f"{k}-noisy" / "planted.csv" for k in done if k != "none"]
+    if audits:
+        pd.concat([pd.read_csv(f) for f in audits]).to_csv(out / "loop-audit.csv", index=False)
     return df
 
 
@@ -192,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="in this order (the clean run comes first); rescore: only score the finished runs again")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "label-loop")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine)")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="loop: the arms to run (none: the clean labels); separate processes may run different kinds")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="loop: a student per seed (student.seed) on each arm's teacher and store")
     ap.add_argument("--top-n-only", action="store_true",
                     help="loop: train only on the top-N relabel file (the threshold's is then only written and scored)")
     args = ap.parse_args(argv)
@@ -210,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             print(rescore(args.out).to_string())
         elif what == "loop":
             hows = ("top-n",) if args.top_n_only else ("top-n", "threshold")
-            print(loop(base, args.out, hows).to_string())
+            print(loop(base, args.out, hows, kinds=tuple(args.kinds), seeds=tuple(args.seeds)).to_string())
         else:
             noisy = load_config(ROOT / "configs" / "demo-noisy.yaml")
             print(rank(noisy, args.out, confusion, what.removeprefix("rank-")).to_string())
