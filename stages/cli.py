@@ -132,8 +132,8 @@ def _device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def teacher_fit(cfg: Config, force: bool, quiet: bool, device: str) -> None:
     """Train the configured timm CNN teacher on the train shards (writes teacher.fit.output).
 
-    Does nothing when the config names the teacher's weights (teacher.checkpoint or teacher.pretrained): the
-    later stages use those.
+    Fits nothing when the config names the teacher's weights (teacher.checkpoint or teacher.pretrained): the
+    later stages use those, and this only copies them to teacher.fit.output (the output dvc.yaml tracks).
     """
     from stages import teacher_fit as stage
 

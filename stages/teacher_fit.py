@@ -11,6 +11,7 @@ import operator
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -23,7 +24,7 @@ from pipeline.data.shards import Manifest, open_shards
 from pipeline.train import distributed
 from pipeline.train.engine import Trainer, classification_loss, cosine_schedule, train_one_epoch
 from pipeline.train.evaluation import collect_logits, topk_accuracy
-from pipeline.train.models import create_teacher, save_teacher_checkpoint
+from pipeline.train.models import create_teacher, load_teacher, save_teacher_checkpoint, teacher_identity
 from pipeline.views.loading import make_loader, train_stream, val_dataset
 from pipeline.views.sampling import steps_per_epoch
 
@@ -100,16 +101,47 @@ def _fit(cfg: Config, manifest: Manifest, model: torch.nn.Module, device: torch.
     return history
 
 
-def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool = False) -> Path | None:
-    """Train ``cfg.teacher.model`` from scratch and save it to ``cfg.teacher.fit.output``. Nothing (None) when the
-    config names the teacher's weights (``teacher.pretrained`` or ``teacher.checkpoint``): the later stages use those
-    and never a fitted checkpoint, so a fit would only cost time (``configs/imagenet.yaml``'s teacher)."""
+def _same_file(a: Any, b: Any) -> bool:
+    """Whether two locations name one file (local paths resolved; URLs compared as written)."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return str(a) == str(b)
+
+
+def pin_named_weights(cfg: Config, *, force: bool = False) -> Path:
+    """No fit when the config names the teacher's weights (``teacher.pretrained`` or ``teacher.checkpoint``): the
+    later stages use those. They are written to ``teacher.fit.output`` all the same (and its record beside it), so
+    the output ``dvc.yaml`` tracks exists and pins the weights the store was made from, whatever the hub later
+    serves. A rerun with the same weights does nothing."""
     t = cfg.teacher
-    if t.pretrained or t.checkpoint is not None:
-        named = f"teacher.checkpoint {t.checkpoint}" if t.checkpoint is not None else f"timm's {t.model} weights"
+    named = f"teacher.checkpoint {t.checkpoint}" if t.checkpoint is not None else f"timm's {t.model} weights"
+    manifest = open_shards(cfg)
+    out = location(t.fit.output)
+    if t.checkpoint is not None and _same_file(location(t.checkpoint), out):  # named weights are the fit's output
         print(f"teacher-fit: nothing to fit, the config names the teacher's weights ({named})")
-        return None
+        return out
+    identity = teacher_identity(t)
+    h = canonical_hash({"weights": identity, "model": t.model, "small_stem": t.small_stem, "pretrained": t.pretrained,
+                        "num_classes": manifest.num_classes, "in_chans": cfg.aug.channels})
+    if not force and out.is_file() and _existing_hash(out) == h:
+        print(f"teacher-fit: nothing to fit, the config names the teacher's weights ({named}); {out} holds them")
+        return out
+    model, _ = load_teacher(t, num_classes=manifest.num_classes, in_chans=cfg.aug.channels)
+    meta = {"model": t.model, "small_stem": t.small_stem, "num_classes": manifest.num_classes,
+            "in_chans": cfg.aug.channels, "fit_hash": h, "weights": identity, "epochs": 0, "val_top1": None}
+    sha = save_teacher_checkpoint(model, out, meta)
+    atomic_write_json(out.with_suffix(".json"), {**meta, "sha256": sha}, sort_keys=False)
+    print(f"teacher-fit: nothing to fit, the config names the teacher's weights ({named}); pinned to {out} "
+          f"(sha256 {sha[:12]})")
+    return out
+
+
+def run(cfg: Config, *, progress: bool = True, device: str = "auto", force: bool = False) -> Path:
+    """Train ``cfg.teacher.model`` from scratch and save it to ``cfg.teacher.fit.output``; with named weights,
+    only pin them there (:func:`pin_named_weights`)."""
     use_storage_options(cfg.storage_options)
+    if cfg.teacher.pretrained or cfg.teacher.checkpoint is not None:
+        return pin_named_weights(cfg, force=force)
     env = distributed.setup(device)
     if env.world > 1:
         raise DistillError("teacher-fit runs in one process; start it without torchrun")

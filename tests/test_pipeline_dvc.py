@@ -3,6 +3,7 @@ outside configs/ run with dvc.yaml as it is, and the README's commands as writte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -147,6 +148,31 @@ def test_a_config_outside_configs_runs_through_dvc_repro_with_dvc_yaml_as_it_is(
         for path, data in before.items():
             path.write_bytes(data)
         shutil.rmtree(mine.parent)
+
+
+def test_a_config_naming_the_teachers_weights_runs_teacher_fit_under_dvc(repo):
+    """configs/imagenet.yaml's kind of config (teacher.checkpoint or teacher.pretrained): teacher-fit fits nothing,
+    but the output dvc.yaml tracks must exist, so it holds the named weights and DVC records the stage."""
+    work, env = repo
+    dvc = str(Path(sys.executable).parent / "dvc")
+    kept = [work / name for name in ("params.yaml", "dvc.lock", "data/teacher.pt", "data/teacher.json")]
+    before = {path: path.read_bytes() for path in kept}
+    named = work / "data" / "named-teacher.pt"
+    shutil.copy(work / "data" / "teacher.pt", named)
+    own = yaml.safe_load(kept[0].read_text())
+    own["teacher"]["checkpoint"] = "data/named-teacher.pt"
+    try:
+        kept[0].write_text(yaml.safe_dump(own))
+        out = _run([dvc, "repro", "--single-item", "teacher-fit"], work, env).stdout
+        assert "Running stage 'teacher-fit'" in out and "nothing to fit" in out
+        record = json.loads((work / "data" / "teacher.json").read_text())
+        assert record["weights"] == hashlib.sha256(named.read_bytes()).hexdigest() and record["epochs"] == 0
+        locked = yaml.safe_load(kept[1].read_text())["stages"]["teacher-fit"]
+        assert locked["params"]["params.yaml"]["teacher"]["checkpoint"] == "data/named-teacher.pt"
+    finally:
+        for path, data in before.items():
+            path.write_bytes(data)
+        named.unlink()
 
 
 def test_readme_commands_run_as_written_after_activating_the_venv(repo):

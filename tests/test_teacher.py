@@ -7,6 +7,7 @@ written once and every other run is compared with it array by array, bit for bit
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from conftest import (  # CLASSES, N_TRAIN, N_VAL: the shared run's
 import store
 from pipeline.core.config import Config
 from pipeline.core.errors import DistillError
+from pipeline.core.files import sha256_file, torch_load
 from pipeline.train.models import create_teacher, resolve_teacher, save_teacher_checkpoint
 from stages import ingest, teacher, teacher_fit, verify
 
@@ -291,15 +293,31 @@ def test_teacher_fit_rerun_is_up_to_date_and_does_not_rewrite(base: Config, tmp_
     assert Path(resolved.teacher.checkpoint) == out
 
 
-def test_teacher_fit_does_nothing_when_the_config_names_the_teachers_weights(base: Config, tmp_path: Path, capsys):
-    """configs/imagenet.yaml names timm's weights: the later stages use those, so a fit would be wasted (and the
-    README's how-to runs teacher-fit on it as written)."""
-    out = tmp_path / "fit.pt"
-    for weights in ({}, {"checkpoint": None, "pretrained": True}):  # the base's checkpoint file; timm's weights
-        cfg = derive(base, teacher={**weights, "fit": {"output": str(out)}})
-        assert teacher_fit.run(cfg, progress=False, device="cpu") is None
+def test_teacher_fit_pins_named_weights_to_its_output_without_fitting(base: Config, tmp_path: Path, capsys):
+    """configs/imagenet.yaml names timm's weights: nothing is fitted, but dvc.yaml's teacher-fit output must exist,
+    so the named weights are written there (timm's pretrained path through a local file here, and a checkpoint)."""
+    named = Path(str(base.teacher.checkpoint))
+    hub_like = tmp_path / "hub_like.pt"  # timm's pretrained path reads a standard-stem file (its head is replaced)
+    save_teacher_checkpoint(create_teacher(derive(base, teacher={"checkpoint": None, "small_stem": False}).teacher,
+                                           num_classes=1000, in_chans=base.aug.channels), hub_like, {})
+    cases = [({}, named, ""), ({"pretrained": True, "small_stem": False, "checkpoint": str(hub_like)}, hub_like, "fc.")]
+    for i, (weights, file, head) in enumerate(cases):  # a checkpoint; timm's weights, from a local file
+        out = tmp_path / f"pinned{i}.pt"
+        cfg = derive(base, teacher={**weights, "fit": {"epochs": 50, "output": str(out)}})
+        assert teacher_fit.run(cfg, progress=False, device="cpu") == out
         assert "nothing to fit" in capsys.readouterr().out
-    assert not out.exists()
+        got, want = torch_load(out), torch_load(file)["model"]
+        assert got["meta"]["weights"] == sha256_file(file) and got["meta"]["epochs"] == 0
+        assert all(torch.equal(got["model"][k], v) for k, v in want.items() if not (head and k.startswith(head)))
+        assert json.loads(out.with_suffix(".json").read_text())["weights"] == sha256_file(file)
+        stat = out.stat()
+        teacher_fit.run(cfg, progress=False, device="cpu")  # the same weights: not written again
+        assert out.stat().st_mtime_ns == stat.st_mtime_ns
+        assert resolve_teacher(cfg).teacher.checkpoint == cfg.teacher.checkpoint  # the stages still use the named file
+    same = derive(base, teacher={"fit": {"output": str(named)}})  # named weights that are the fit's output
+    before = named.stat().st_mtime_ns
+    assert teacher_fit.run(same, progress=False, device="cpu") == Path(str(named))
+    assert named.stat().st_mtime_ns == before
 
 
 def test_missing_teacher_raises_stage_error_naming_path(base: Config, tmp_path: Path):
