@@ -150,7 +150,7 @@ def loop(base: Config, out: Path, hows: tuple[str, ...] = ("top-n", "threshold")
             clean = _cfg(base, out / "clean", [])
             rows = [{"noise": "none", "labels": "clean", **train_run(clean, seeds=seeds)}]
         else:
-            confusion = out / "clean" / "teacher.json"
+            confusion = Path(str(_cfg(base, out / "clean", []).teacher.fit.output)).with_suffix(".json")
             extra = [*NOISE[kind], "data.label_noise=0.1"] + ([f"data.label_noise_confusion={confusion}"]
                                                               if kind == "confusable" else [])
             noisy = _cfg(base, out / f"{kind}-noisy", extra)
